@@ -1,0 +1,10 @@
+"""Experiments: one module per experiment, each defining ``EXPERIMENT`` (see ``_framework``).
+
+Run one with ``tangentscope run NAME [--preset smoke|full] [--seed N] [--field value ...]``.
+"""
+
+from ._framework import (Experiment, compare, get_experiment, list_experiments, make_config,
+                         plot_run, run_experiment)
+
+__all__ = ["Experiment", "compare", "get_experiment", "list_experiments", "make_config",
+           "plot_run", "run_experiment"]

@@ -1,0 +1,372 @@
+"""The experiment framework: a ``Config`` dataclass + ``run`` + ``plot`` per experiment.
+
+An experiment module in :mod:`tangentscope.experiments` defines a module-level ``EXPERIMENT``::
+
+    @dataclass(frozen=True)
+    class Config:
+        seed: int = 0
+        steps: int = 1000
+
+    def run(cfg: Config, rd: RunDir) -> dict: ...      # returns the summary; logs as it goes
+    def plot(rd: RunDir) -> list[Path]: ...             # figures from the run dir alone
+
+    EXPERIMENT = Experiment("my-exp", Config, run, plot,
+                            presets={"smoke": dict(steps=50), "full": dict(steps=20000)},
+                            description="one line")
+
+``run`` must write results incrementally (``rd.log``, ``rd.save_cell``) and, when called again
+on the same directory (``--resume``), skip the cells ``rd.cells()`` already holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib
+import itertools
+import json
+import pkgutil
+import statistics
+import time
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..io import RunDir, to_jsonable
+
+__all__ = [
+    "Experiment", "get_experiment", "list_experiments", "make_config", "parse_overrides",
+    "run_experiment", "plot_run", "compare",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """One runnable experiment.
+
+    Attributes:
+        name: CLI name (``tangentscope run NAME``).
+        config: the frozen ``Config`` dataclass type.
+        run: ``run(cfg, rd) -> summary dict``; logs metrics/cells incrementally.
+        plot: ``plot(rd) -> list of figure paths``; must need nothing but the run directory.
+        presets: named overrides of ``config``'s defaults; ``smoke`` (CI, < 1 min) and ``full``.
+        description: one line for ``tangentscope list``.
+    """
+
+    name: str
+    config: type
+    run: Callable[[Any, RunDir], Mapping[str, Any]]
+    plot: Callable[[RunDir], Sequence[Path]]
+    presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    description: str = ""
+
+
+def _module_names() -> list[str]:
+    from . import __path__ as pkg_path
+
+    return sorted(m.name for m in pkgutil.iter_modules(pkg_path) if not m.name.startswith("_"))
+
+
+def list_experiments() -> dict[str, Experiment]:
+    """All experiments, by name (imports each experiment module; their heavy deps stay lazy)."""
+    out = {}
+    for mod in _module_names():
+        m = importlib.import_module(f"{__package__}.{mod}")
+        exp = getattr(m, "EXPERIMENT", None)
+        if isinstance(exp, Experiment):
+            out[exp.name] = exp
+    return out
+
+
+def get_experiment(name: str) -> Experiment:
+    """The experiment called ``name`` (module ``name`` with ``-`` read as ``_`` tried first).
+
+    Raises:
+        ConfigError: no such experiment (the message lists the known ones).
+    """
+    mod = name.replace("-", "_")
+    if mod in _module_names():
+        exp = getattr(importlib.import_module(f"{__package__}.{mod}"), "EXPERIMENT", None)
+        if isinstance(exp, Experiment) and exp.name == name:
+            return exp
+    known = list_experiments()
+    if name in known:
+        return known[name]
+    raise ConfigError(f"unknown experiment {name!r}; known: {', '.join(sorted(known))}")
+
+
+# -- configs ------------------------------------------------------------------------------------
+def _coerce(value: Any, tp: Any, field: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, field)
+            except ConfigError:
+                continue
+        raise ConfigError(f"--{field}: cannot read {value!r} as {tp}")
+    if origin is typing.Literal:
+        for a in args:
+            if str(a) == str(value):
+                return a
+        raise ConfigError(f"--{field} must be one of {list(args)}, got {value!r}")
+    if origin in (tuple, list):
+        items = value if isinstance(value, (list, tuple)) else [
+            v for v in str(value).split(",") if v != ""]
+        inner = args[0] if args else str
+        coerced = [_coerce(v, inner, field) for v in items]
+        return tuple(coerced) if origin is tuple else coerced
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        s = str(value).lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{field} expects true/false, got {value!r}")
+    if tp in (int, float, str):
+        try:
+            if tp is int and isinstance(value, str):
+                f = float(value)
+                if f != int(f):
+                    raise ValueError
+                return int(f)
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{field} expects {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def make_config(config_cls: type, overrides: Mapping[str, Any] | None = None) -> Any:
+    """Instantiate ``config_cls`` with ``overrides`` coerced to the fields' types.
+
+    Raises:
+        ConfigError: unknown field or a value of the wrong type (the message lists the fields).
+    """
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    kwargs = {}
+    for k, v in (overrides or {}).items():
+        key = k.replace("-", "_")
+        if key not in fields:
+            raise ConfigError(f"unknown config field --{k} for {config_cls.__module__}; "
+                              f"fields: {', '.join(sorted(fields))}")
+        kwargs[key] = _coerce(v, hints[key], key)
+    try:
+        return config_cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid config: {e}") from e
+
+
+def parse_overrides(tokens: Sequence[str]) -> dict[str, str]:
+    """``['--lr', '3e-3', '--width=64']`` → ``{'lr': '3e-3', 'width': '64'}``.
+
+    Raises:
+        ConfigError: a token that is not ``--field value`` / ``--field=value``.
+    """
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or tok == "--":
+            raise ConfigError(f"expected --field value, got {tok!r}")
+        if "=" in tok:
+            k, v = tok[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(tokens):
+                raise ConfigError(f"{tok} needs a value")
+            k, v = tok[2:], tokens[i + 1]
+            i += 2
+        out[k] = v
+    return out
+
+
+def resolve_config(exp: Experiment, preset: str | None, overrides: Mapping[str, Any]) -> Any:
+    """Defaults ← preset ← overrides."""
+    merged: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in exp.presets:
+            raise ConfigError(f"{exp.name} has no preset {preset!r}; presets: "
+                              f"{', '.join(exp.presets) or '(none)'}")
+        merged.update(exp.presets[preset])
+    merged.update(overrides)
+    return make_config(exp.config, merged)
+
+
+def _default_out(name: str, preset: str | None, cfg: Any) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    seed = getattr(cfg, "seed", None)
+    tag = "-".join(x for x in (preset or "default", None if seed is None else f"seed{seed}") if x)
+    return Path("runs") / name / f"{stamp}-{tag}"
+
+
+# -- running ------------------------------------------------------------------------------------
+def run_experiment(name: str, *, preset: str | None = "smoke",
+                   overrides: Mapping[str, Any] | None = None, out: str | Path | None = None,
+                   resume: str | Path | None = None, plot: bool = True, quiet: bool = False
+                   ) -> RunDir:
+    """Run (or resume) an experiment into a run directory and return it.
+
+    Args:
+        name: experiment name (``tangentscope list``).
+        preset: ``smoke``, ``full`` or ``None`` (the dataclass defaults).
+        overrides: field → value (strings are coerced to the field's type).
+        out: run directory to create (default ``runs/<name>/<time>-<preset>-seed<N>``).
+        resume: an existing run directory to continue; its saved config is used.
+        plot: write figures at the end.
+    """
+    if resume is not None:
+        rd = RunDir.open(resume)
+        saved = rd.read_config()
+        exp = get_experiment(saved["experiment"])
+        cfg = make_config(exp.config, saved["config"])
+        rd.set_status("running", resumed=True)
+    else:
+        exp = get_experiment(name)
+        cfg = resolve_config(exp, preset, overrides or {})
+        rd = RunDir.create(out or _default_out(exp.name, preset, cfg), cfg,
+                           meta={"experiment": exp.name, "preset": preset})
+    if not quiet:
+        print(f"[tangentscope] {exp.name}: writing to {rd.path}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        summary = dict(exp.run(cfg, rd))
+    except BaseException as e:
+        rd.set_status("failed" if not isinstance(e, KeyboardInterrupt) else "interrupted",
+                      error=repr(e))
+        raise
+    summary.setdefault("wall_seconds", time.perf_counter() - t0)
+    rd.write_summary(summary)
+    if plot:
+        plot_run(rd)
+    rd.set_status("complete")
+    if not quiet:
+        print(json.dumps(to_jsonable(_headline(summary)), indent=2))
+        print(f"[tangentscope] done: {rd.path}", flush=True)
+    return rd
+
+
+def _headline(summary: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if not isinstance(v, (list, dict)) or k == "verdict"}
+
+
+def plot_run(run_dir: str | Path | RunDir) -> list[Path]:
+    """Regenerate the figures of a run directory (no retraining)."""
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
+    exp = get_experiment(rd.read_config()["experiment"])
+    return list(exp.plot(rd))
+
+
+# -- compare ------------------------------------------------------------------------------------
+def _quantiles(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return {"median": xs[0], "q25": xs[0], "q75": xs[0], "min": xs[0], "max": xs[0]}
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return {"median": statistics.median(xs), "q25": q[0], "q75": q[2], "min": xs[0],
+            "max": xs[-1]}
+
+
+def compare(name: str, vary: Mapping[str, Iterable[Any]], *, seeds: Sequence[int] = (0, 1, 2),
+            preset: str | None = "smoke", overrides: Mapping[str, Any] | None = None,
+            out: str | Path | None = None, resume: str | Path | None = None,
+            metrics: Sequence[str] | None = None, quiet: bool = False) -> RunDir:
+    """Run ``experiment × (grid of vary) × seeds``; write ``table.csv`` and ``table.md``.
+
+    Each combination is its own run directory under the compare directory; finished ones are
+    recorded in the compare directory's ``cells.jsonl`` and skipped on ``resume``. The table has,
+    per combination and numeric summary metric, the median, quartiles, min, max and seed count.
+    """
+    if resume is not None:
+        rd = RunDir.open(resume)
+        saved = rd.read_config()
+        name, preset = saved["experiment"], saved["preset"]
+        vary, seeds, overrides = saved["vary"], saved["seeds"], saved["overrides"]
+        metrics = saved.get("metrics")
+        exp = get_experiment(name)
+    else:
+        exp = get_experiment(name)
+        vary = {k: list(v) for k, v in vary.items()}
+        fields = {f.name for f in dataclasses.fields(exp.config)}
+        for k in list(vary) + ["seed"]:
+            if k.replace("-", "_") not in fields:
+                raise ConfigError(f"{exp.name}'s config has no field {k!r} to vary; fields: "
+                                  f"{', '.join(sorted(fields))}")
+        resolve_config(exp, preset, overrides or {})  # validate before any work
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        rd = RunDir.create(out or Path("runs") / exp.name / f"compare-{stamp}", None,
+                           meta={"experiment": exp.name, "preset": preset, "vary": vary,
+                                 "seeds": list(seeds), "overrides": dict(overrides or {}),
+                                 "metrics": list(metrics) if metrics else None,
+                                 "kind": "compare"})
+    done = rd.cells()
+    keys = list(vary)
+    combos = list(itertools.product(*(vary[k] for k in keys)))
+    for combo in combos:
+        for seed in seeds:
+            tag = "-".join(f"{k}={v}" for k, v in zip(keys, combo)) or "base"
+            key = f"{tag}-seed{seed}"
+            if key in done:
+                continue
+            ov = dict(overrides or {})
+            ov.update(dict(zip(keys, combo)))
+            ov["seed"] = seed
+            sub = rd.path / key.replace("/", "_")
+            if (sub / "config.json").exists():
+                sub_rd = run_experiment(exp.name, resume=sub, plot=False, quiet=quiet)
+            else:
+                sub_rd = run_experiment(exp.name, preset=preset, overrides=ov, out=sub,
+                                        plot=False, quiet=quiet)
+            rd.save_cell(key, {"combo": dict(zip(keys, combo)), "seed": seed,
+                               "summary": sub_rd.read_summary()})
+    table = compare_table(rd, metrics)
+    rd.write_summary({"table": table})
+    rd.set_status("complete")
+    if not quiet:
+        print((rd.path / "table.md").read_text())
+    return rd
+
+
+def compare_table(rd: RunDir, metrics: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Aggregate a compare directory's cells into rows; writes ``table.csv`` and ``table.md``."""
+    cells = rd.cells()
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for rec in cells.values():
+        tag = ", ".join(f"{k}={v}" for k, v in rec["combo"].items()) or "base"
+        groups.setdefault(tag, []).append(rec)
+    rows = []
+    for tag, recs in groups.items():
+        names = metrics or sorted({k for r in recs for k, v in r["summary"].items()
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        for m in names:
+            vals = [float(r["summary"][m]) for r in recs
+                    if isinstance(r["summary"].get(m), (int, float))]
+            if not vals:
+                continue
+            rows.append({"setting": tag, "metric": m, "n": len(vals), **_quantiles(vals),
+                         "seeds": sorted(r["seed"] for r in recs)})
+    import csv
+
+    with (rd.path / "table.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["setting", "metric", "n", "median", "q25", "q75",
+                                           "min", "max", "seeds"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "seeds": " ".join(map(str, r["seeds"]))})
+    lines = ["| setting | metric | n | median | q25–q75 | min–max |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['metric']} | {r['n']} | {r['median']:.4g} | "
+                     f"{r['q25']:.4g}–{r['q75']:.4g} | {r['min']:.4g}–{r['max']:.4g} |")
+    (rd.path / "table.md").write_text("\n".join(lines) + "\n")
+    return rows

@@ -1,0 +1,194 @@
+"""Matrix-free eNTK: kernel-vector products ``K v = J (D (Jᵀ v))`` and top-k eigenpairs by Lanczos.
+
+Memory is ``O(P + chunk · activations)``: the ``(np, np)`` kernel is never formed, so spectra of
+training sets far larger than a dense kernel allows are reachable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vjp
+
+from ..errors import ShapeError
+from .entk import _as_input, _check_differentiable, resolve_preconditioner
+from .functional import FunctionalModel, functionalize
+
+__all__ = ["EntkOperator", "entk_topk", "lanczos_topk", "Eigenpairs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Eigenpairs:
+    """Top eigenpairs, largest first.
+
+    Attributes:
+        values: ``(k,)`` eigenvalues, descending.
+        vectors: ``(N, k)`` orthonormal eigenvectors (columns), ``N = n p`` in the stacked
+            ``i*p + a`` order.
+        residuals: ``(k,)`` ``‖A v − λ v‖`` for each pair.
+        iterations: size of the Krylov basis built (= matrix-vector products used).
+    """
+
+    values: Tensor
+    vectors: Tensor
+    residuals: Tensor
+    iterations: int
+
+
+class EntkOperator:
+    """The stacked ``(n p, n p)`` eNTK of ``model`` on ``x`` as a linear operator.
+
+    Args:
+        model: module, function model (with ``params``) or FunctionalModel.
+        x: inputs ``(n, ...)``.
+        params: see :func:`tangentscope.entk`.
+        precondition: diagonal ``D`` (dict or flat tensor) for ``J D Jᵀ``.
+        dtype: computation dtype.
+        chunk_size: examples per vjp/jvp chunk (bounds activation memory); default all.
+
+    ``op @ v`` / ``op.matvec(v)`` with ``v`` of shape ``(n p,)`` or ``(n p, k)``.
+    """
+
+    def __init__(self, model: Any, x: Tensor, *, params: Mapping[str, Tensor] | None = None,
+                 precondition: Any = None, dtype: torch.dtype | None = None,
+                 chunk_size: int | None = None):
+        self.fm = model if isinstance(model, FunctionalModel) else functionalize(
+            model, params, dtype=dtype)
+        self.x = _as_input(x, self.fm, dtype, "x")
+        _check_differentiable(self.fm, self.x)
+        self.D = resolve_preconditioner(self.fm, precondition)
+        self.n = self.x.shape[0]
+        self.p = self.fm.output_dim(self.x)
+        self.chunk = chunk_size or self.n
+        self.matvecs = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n * self.p, self.n * self.p)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fm.dtype
+
+    def _jt(self, v: Tensor) -> dict[str, Tensor]:
+        """``Jᵀ v`` for ``v`` of shape ``(n, p)`` → parameter-shaped tangent."""
+        acc = {k: torch.zeros_like(t) for k, t in self.fm.params.items()}
+        for s in range(0, self.n, self.chunk):
+            xs = self.x[s:s + self.chunk]
+            _, fn = vjp(lambda prm: self.fm.apply(prm, xs), self.fm.params)
+            (g,) = fn(v[s:s + self.chunk])
+            for k in acc:
+                acc[k] += g[k]
+        return acc
+
+    def _j(self, t: Mapping[str, Tensor]) -> Tensor:
+        """``J t`` → ``(n, p)``."""
+        outs = []
+        for s in range(0, self.n, self.chunk):
+            xs = self.x[s:s + self.chunk]
+            outs.append(jvp(lambda prm: self.fm.apply(prm, xs), (self.fm.params,), (dict(t),))[1])
+        return torch.cat(outs)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``K v`` for ``v`` of shape ``(n p,)`` or ``(n p, k)``."""
+        if v.shape[0] != self.shape[0]:
+            raise ShapeError(f"vector has length {v.shape[0]}, operator is {self.shape}")
+        if v.dim() == 2:
+            return torch.stack([self.matvec(v[:, j]) for j in range(v.shape[1])], dim=1)
+        self.matvecs += 1
+        with torch.no_grad():
+            t = self._jt(v.to(self.dtype).reshape(self.n, self.p))
+            if self.D is not None:
+                t = {k: t[k] * self.D[k] for k in t}
+            return self._j(t).reshape(-1)
+
+    __matmul__ = matvec
+
+    def topk(self, k: int, **kw: Any) -> Eigenpairs:
+        """Top-``k`` eigenpairs by Lanczos (see :func:`lanczos_topk`)."""
+        return lanczos_topk(self.matvec, self.shape[0], k, dtype=self.dtype,
+                            device=self.fm.device, **kw)
+
+
+def entk_topk(model: Any, x: Tensor, k: int, *, params: Mapping[str, Tensor] | None = None,
+              precondition: Any = None, dtype: torch.dtype | None = None,
+              chunk_size: int | None = None, tol: float = 1e-8, max_iter: int | None = None,
+              seed: int = 0) -> Eigenpairs:
+    """Top-``k`` eigenpairs of the stacked eNTK on ``x`` without forming it.
+
+    Args:
+        model, x, params, precondition, dtype, chunk_size: as :class:`EntkOperator`.
+        k: number of eigenpairs.
+        tol: stop when every wanted pair has ``‖K v − λ v‖ ≤ tol · λ_max``.
+        max_iter: Lanczos steps cap (default ``n p``).
+        seed: start-vector seed.
+    """
+    op = EntkOperator(model, x, params=params, precondition=precondition, dtype=dtype,
+                      chunk_size=chunk_size)
+    return op.topk(k, tol=tol, max_iter=max_iter, seed=seed)
+
+
+def lanczos_topk(matvec: Callable[[Tensor], Tensor], n: int, k: int, *,
+                 dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+                 tol: float = 1e-8, max_iter: int | None = None, seed: int = 0,
+                 block_size: int | None = None) -> Eigenpairs:
+    """Top-``k`` eigenpairs of a symmetric operator by block Lanczos (full reorthogonalization).
+
+    The block Krylov basis ``Q`` grows one block of ``b`` vectors per step; the Ritz pairs of
+    ``Qᵀ A Q`` are accepted once the ``k`` largest have ``‖A Q s − θ Q s‖ ≤ tol · |θ_1|``, or the
+    space is exhausted (then the answer is exact). Blocks find eigenvalues of multiplicity up to
+    ``b``; directions that deflate (an invariant subspace) are replaced with fresh random ones,
+    so zero and repeated eigenvalues are found too.
+
+    Args:
+        matvec: ``V (n, b) -> A V (n, b)`` (a 1-d ``v`` is never passed).
+        n: dimension.
+        k: number of pairs (``1 ≤ k ≤ n``).
+        tol: relative residual tolerance.
+        max_iter: cap on the basis size (default ``n``).
+        block_size: ``b`` (default ``min(k, 8)``).
+    """
+    if not 1 <= k <= n:
+        raise ShapeError(f"k must be in [1, {n}], got {k}")
+    cap = min(n, max_iter or n)
+    b = max(1, min(block_size or min(k, 8), n))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def orth(W: Tensor, Q: Tensor | None) -> Tensor:
+        for _ in range(2):  # twice is enough
+            if Q is not None:
+                W = W - Q @ (Q.T @ W)
+        U, S, _ = torch.linalg.svd(W, full_matrices=False)
+        return U[:, S > 1e-10 * max(1.0, float(S.max()) if S.numel() else 1.0)]
+
+    def fresh(m: int, Q: Tensor | None) -> Tensor:
+        W = torch.randn(n, m, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+        return orth(W, Q)
+
+    Q = fresh(b, None)
+    AQ = matvec(Q).to(dtype)
+    while True:
+        T = Q.T @ AQ
+        theta, S = torch.linalg.eigh(0.5 * (T + T.T))
+        theta, S = theta.flip(0), S.flip(1)
+        kk = min(k, theta.shape[0])
+        X = Q @ S[:, :kk]
+        R = AQ @ S[:, :kk] - X * theta[:kk]
+        res = R.norm(dim=0)
+        done = kk == k and bool((res <= tol * max(abs(float(theta[0])), 1e-300)).all())
+        if done or Q.shape[1] >= cap:
+            break
+        room = cap - Q.shape[1]
+        W = orth(AQ[:, -b:], Q)[:, :room]
+        if W.shape[1] < min(b, room):  # deflation: top up with random directions
+            W = torch.cat([W, fresh(min(b, room) - W.shape[1], torch.cat([Q, W], 1))], 1)
+        if W.shape[1] == 0:
+            break
+        Q = torch.cat([Q, W], 1)
+        AQ = torch.cat([AQ, matvec(W).to(dtype)], 1)
+    vals = theta[:k]
+    return Eigenpairs(vals, X[:, :k] / X[:, :k].norm(dim=0, keepdim=True), res[:k], Q.shape[1])

@@ -1,0 +1,65 @@
+"""Closed-form g and B of each output loss against autograd (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import hessian
+
+import tangentscope as ts
+from tangentscope.losses import dense_hessian, hessian_matvec
+
+
+def _autograd(loss, u, y):
+    g = torch.func.grad(lambda v: loss.value(v, y))(u)
+    H = hessian(lambda v: loss.value(v, y))(u)  # (n, p, n, p)
+    n, p = u.shape
+    return g, H.reshape(n * p, n * p)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("p", [1, 4])
+def test_squared_and_cross_entropy(reduction, p):
+    torch.manual_seed(0)
+    n = 6
+    u = torch.randn(n, p, dtype=torch.float64)
+    cases = [(ts.SquaredLoss(reduction), torch.randn(n, p, dtype=torch.float64))]
+    if p > 1:
+        cases.append((ts.CrossEntropyLoss(reduction), torch.randint(0, p, (n,))))
+        cases.append((ts.CrossEntropyLoss(reduction),
+                      torch.softmax(torch.randn(n, p, dtype=torch.float64), -1)))
+    for loss, y in cases:
+        g, H = _autograd(loss, u, y)
+        torch.testing.assert_close(loss.grad(u, y), g, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dense_hessian(loss.hessian(u, y)), H, rtol=1e-12,
+                                   atol=1e-12)
+        v = torch.randn(n * p, dtype=torch.float64)
+        torch.testing.assert_close(hessian_matvec(loss.hessian(u, y), v), H @ v)
+
+
+def test_cross_entropy_matches_torch():
+    u = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    torch.testing.assert_close(ts.CrossEntropyLoss().value(u, y),
+                               torch.nn.functional.cross_entropy(u, y))
+
+
+def test_per_example_loss_via_autograd():
+    def logcosh(ui, yi):
+        return torch.log(torch.cosh(ui - yi)).sum()
+
+    loss = ts.PerExampleLoss(logcosh)
+    u = torch.randn(4, 2, dtype=torch.float64)
+    y = torch.randn(4, 2, dtype=torch.float64)
+    g, H = _autograd(loss, u, y)
+    torch.testing.assert_close(loss.grad(u, y), g)
+    torch.testing.assert_close(dense_hessian(loss.hessian(u, y)), H)
+
+
+def test_loss_errors():
+    with pytest.raises(ts.ShapeError, match="equal"):
+        ts.SquaredLoss().grad(torch.zeros(3, 2), torch.zeros(3, 1))
+    with pytest.raises(ts.ShapeError, match=r"\[0, 3\)"):
+        ts.CrossEntropyLoss().grad(torch.zeros(2, 3), torch.tensor([0, 3]))
+    with pytest.raises(ts.ShapeError, match="unknown loss"):
+        ts.get_loss("hinge-ish")
