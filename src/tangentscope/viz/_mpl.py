@@ -1,0 +1,49 @@
+"""Lazy matplotlib access with a headless backend and one consistent style."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import TangentscopeError
+
+_STYLE = {
+    "figure.dpi": 110,
+    "savefig.dpi": 130,
+    "savefig.bbox": "tight",
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.25,
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "legend.fontsize": 8,
+    "legend.frameon": False,
+}
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` with the Agg backend and tangentscope's style.
+
+    Raises:
+        TangentscopeError: matplotlib is not installed (``pip install 'tangentscope[plot]'``).
+    """
+    try:
+        import matplotlib
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise TangentscopeError("figures need matplotlib: pip install 'tangentscope[plot]'") from e
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update(_STYLE)
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Save ``fig`` to ``path`` (PNG), close it, and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
