@@ -4,7 +4,7 @@ Run one with ``tangentscope run NAME [--preset smoke|full] [--seed N] [--field v
 """
 
 from ._framework import (Experiment, compare, get_experiment, list_experiments, make_config,
-                         plot_run, run_experiment)
+                         plot_run, register, run_experiment)
 
 __all__ = ["Experiment", "compare", "get_experiment", "list_experiments", "make_config",
-           "plot_run", "run_experiment"]
+           "plot_run", "register", "run_experiment"]

@@ -39,8 +39,10 @@ from ..io import RunDir, to_jsonable
 
 __all__ = [
     "Experiment", "get_experiment", "list_experiments", "make_config", "parse_overrides",
-    "run_experiment", "plot_run", "compare",
+    "register", "run_experiment", "plot_run", "compare",
 ]
+
+_EXTRA: dict[str, Experiment] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,16 @@ class Experiment:
     description: str = ""
 
 
+def register(experiment: Experiment) -> Experiment:
+    """Make an experiment defined outside this package runnable by name (returns it).
+
+    Note that ``tangentscope plot``/``--resume`` in a new process only find it if the module
+    that registers it has been imported.
+    """
+    _EXTRA[experiment.name] = experiment
+    return experiment
+
+
 def _module_names() -> list[str]:
     from . import __path__ as pkg_path
 
@@ -72,7 +84,7 @@ def _module_names() -> list[str]:
 
 def list_experiments() -> dict[str, Experiment]:
     """All experiments, by name (imports each experiment module; their heavy deps stay lazy)."""
-    out = {}
+    out = dict(_EXTRA)
     for mod in _module_names():
         m = importlib.import_module(f"{__package__}.{mod}")
         exp = getattr(m, "EXPERIMENT", None)
@@ -87,6 +99,8 @@ def get_experiment(name: str) -> Experiment:
     Raises:
         ConfigError: no such experiment (the message lists the known ones).
     """
+    if name in _EXTRA:
+        return _EXTRA[name]
     mod = name.replace("-", "_")
     if mod in _module_names():
         exp = getattr(importlib.import_module(f"{__package__}.{mod}"), "EXPERIMENT", None)

@@ -1,0 +1,146 @@
+"""The experiment framework: configs, run directories, resume, plot, compare, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pytest
+
+from tangentscope import ConfigError, RunDir
+from tangentscope.cli import main
+from tangentscope.experiments import Experiment, compare, make_config, register, run_experiment
+from tangentscope.experiments._framework import parse_overrides
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+    seed: int = 0
+    steps: int = 5
+    lr: float = 0.1
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    widths: tuple[int, ...] = (4, 8)
+    verbose: bool = False
+    crash_at: int | None = None
+
+
+CALLS: list[str] = []
+
+
+def _toy_run(cfg: ToyConfig, rd: RunDir) -> dict:
+    done = rd.cells()
+    total = 0.0
+    for k in range(cfg.steps):
+        key = f"step{k}"
+        if key in done:
+            total += done[key]["value"]
+            continue
+        if cfg.crash_at is not None and k == cfg.crash_at and not (rd.path / "crashed").exists():
+            (rd.path / "crashed").touch()
+            raise KeyboardInterrupt
+        CALLS.append(key)
+        value = cfg.lr * (k + 1) * (2 if cfg.optimizer == "adam" else 1) + cfg.seed
+        rd.log(step=k, value=value)
+        rd.save_cell(key, {"value": value})
+        total += value
+    rd.save_arrays(values=np.arange(cfg.steps))
+    return {"total": total, "final_lr": cfg.lr}
+
+
+def _toy_plot(rd: RunDir) -> list[Path]:
+    f = rd.figure_path("toy")
+    f.write_bytes(b"not really a png")
+    return [f]
+
+
+TOY = register(Experiment("toy", ToyConfig, _toy_run, _toy_plot,
+                          presets={"smoke": {"steps": 3}, "full": {"steps": 10}},
+                          description="a test experiment"))
+
+
+def test_make_config_coerces_and_rejects():
+    cfg = make_config(ToyConfig, {"lr": "3e-3", "steps": "7", "widths": "1,2,3",
+                                  "verbose": "true", "optimizer": "adam", "crash_at": "none"})
+    assert cfg == ToyConfig(lr=3e-3, steps=7, widths=(1, 2, 3), verbose=True, optimizer="adam")
+    with pytest.raises(ConfigError, match="unknown config field --nope"):
+        make_config(ToyConfig, {"nope": 1})
+    with pytest.raises(ConfigError, match="expects int"):
+        make_config(ToyConfig, {"steps": "many"})
+    with pytest.raises(ConfigError, match="must be one of"):
+        make_config(ToyConfig, {"optimizer": "lbfgs"})
+    assert parse_overrides(["--lr", "1", "--steps=2"]) == {"lr": "1", "steps": "2"}
+    with pytest.raises(ConfigError):
+        parse_overrides(["lr", "1"])
+
+
+def test_run_writes_a_self_describing_directory(tmp_path):
+    rd = run_experiment("toy", preset="smoke", overrides={"lr": 0.5}, out=tmp_path / "r",
+                        quiet=True)
+    for f in ("config.json", "env.json", "metrics.csv", "cells.jsonl", "arrays.npz",
+              "summary.json", "status.json", "figures/toy.png"):
+        assert (rd.path / f).exists(), f
+    cfg = json.loads((rd.path / "config.json").read_text())
+    assert cfg["experiment"] == "toy" and cfg["config"]["steps"] == 3
+    assert rd.read_summary()["total"] == pytest.approx(0.5 * (1 + 2 + 3))
+    assert rd.status == "complete"
+    assert [r["step"] for r in rd.read_metrics()] == [0, 1, 2]
+    env = json.loads((rd.path / "env.json").read_text())
+    assert env["torch"] and env["python"]
+    with pytest.raises(ConfigError, match="--resume"):
+        run_experiment("toy", out=tmp_path / "r", quiet=True)
+
+
+def test_interrupted_run_resumes_without_redoing_work(tmp_path):
+    CALLS.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment("toy", preset="full", overrides={"crash_at": 4}, out=tmp_path / "c",
+                       quiet=True)
+    rd = RunDir.open(tmp_path / "c")
+    assert rd.status == "interrupted" and len(rd.cells()) == 4
+    CALLS.clear()
+    run_experiment(None, resume=tmp_path / "c", quiet=True)
+    assert CALLS == [f"step{k}" for k in range(4, 10)]
+    assert rd.status == "complete"
+    assert rd.read_summary()["total"] == pytest.approx(0.1 * sum(range(1, 11)))
+
+
+def test_compare_table_and_resume(tmp_path):
+    rd = compare("toy", {"optimizer": ["sgd", "adam"]}, seeds=[0, 1, 2], out=tmp_path / "cmp",
+                 quiet=True)
+    rows = {(r["setting"], r["metric"]): r for r in rd.read_summary()["table"]}
+    sgd = rows[("optimizer=sgd", "total")]
+    assert sgd["n"] == 3 and sgd["median"] == pytest.approx(0.6 + 3)  # 3 steps, each + seed (median seed 1)
+    assert (rd.path / "table.md").read_text().count("|") > 10
+    CALLS.clear()
+    compare(None, {}, resume=tmp_path / "cmp", quiet=True)
+    assert CALLS == []
+    with pytest.raises(ConfigError, match="no field 'momentum'"):
+        compare("toy", {"momentum": [1]}, out=tmp_path / "bad", quiet=True)
+
+
+def test_cli_run_plot_compare(tmp_path, capsys):
+    assert main(["run", "toy", "--out", str(tmp_path / "cli"), "--lr", "2", "--seed", "1"]) == 0
+    rd = RunDir.open(tmp_path / "cli")
+    assert rd.read_config()["config"]["lr"] == 2.0 and rd.read_config()["config"]["seed"] == 1
+    (rd.path / "figures" / "toy.png").unlink()
+    assert main(["plot", str(tmp_path / "cli")]) == 0
+    assert (rd.path / "figures" / "toy.png").exists()
+    assert main(["run", "toy", "--bogus", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown config field --bogus" in capsys.readouterr().err
+    assert main(["run", "no-such-experiment"]) == 2
+    assert main(["compare", "toy", "--optimizers", "sgd,adam", "--seeds", "0-1",
+                 "--out", str(tmp_path / "cc")]) == 0
+    assert "optimizer=adam" in (tmp_path / "cc" / "table.md").read_text()
+    assert main(["list"]) == 0
+    assert "toy" in capsys.readouterr().out
+
+
+def test_cli_help_and_version(capsys):
+    assert main([]) == 0
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert "tangentscope" in capsys.readouterr().out
