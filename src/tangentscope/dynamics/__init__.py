@@ -1,5 +1,25 @@
-"""Dynamics: frozen-kernel flows, and (operators issue) the recorder and trajectory operators."""
+"""Dynamics: frozen-kernel flows; the recorder, trajectory operators and channel analysis."""
 
+from .channels import (ChannelSplit, ChannelTimeline, NoiseTransfer, VectorEnergy, Visibility,
+                       channel_timeline, label_noise_gradients, mode_visibility, noise_transfer,
+                       split_channels)
 from .flow import FlowSolution, analytic_jump, eigh_kernel, integrate_flow, squared_loss_flow
+from .operators import (DISCRETIZATIONS, IdentityResiduals, WindowOperators,
+                        accumulate_operators, dissipation_gramian, identity_residuals, propagator,
+                        transfer_operator, window_operators)
+from .recorder import KernelRecorder
+from .schedule import Schedule, at_steps, every, logspaced, manual
+from .spectrum import (KernelRotation, KernelSpectra, SpectralSchedule, kernel_alignment,
+                       kernel_rotation, kernel_spectra, residual, spectral_schedule)
+from .trajectory import KernelTrajectory
 
-__all__ = ["FlowSolution", "analytic_jump", "eigh_kernel", "integrate_flow", "squared_loss_flow"]
+__all__ = [
+    "FlowSolution", "analytic_jump", "eigh_kernel", "integrate_flow", "squared_loss_flow",
+    "KernelRecorder", "KernelTrajectory", "Schedule", "every", "logspaced", "at_steps", "manual",
+    "DISCRETIZATIONS", "WindowOperators", "IdentityResiduals", "accumulate_operators",
+    "window_operators", "propagator", "dissipation_gramian", "transfer_operator",
+    "identity_residuals", "ChannelSplit", "VectorEnergy", "split_channels", "Visibility",
+    "mode_visibility", "NoiseTransfer", "noise_transfer", "label_noise_gradients",
+    "ChannelTimeline", "channel_timeline", "KernelSpectra", "kernel_spectra", "kernel_alignment",
+    "KernelRotation", "kernel_rotation", "SpectralSchedule", "spectral_schedule", "residual",
+]

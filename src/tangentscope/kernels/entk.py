@@ -61,7 +61,9 @@ def entk(model: Any, x1: Tensor, x2: Tensor | None = None, *,
         x1: inputs, shape ``(n1, ...)``.
         x2: inputs, shape ``(n2, ...)``; default ``x1`` (then symmetry is exploited).
         params: parameters for a function model, or a subset of a module's to differentiate.
-        implementation: ``"auto"`` (structured where every layer supports it, else jacobian),
+        implementation: ``"auto"`` (structured where supported layers — Linear, Conv1d/2d,
+            Embedding, LayerNorm/RMSNorm/GroupNorm, eval BatchNorm — hold at least half of
+            the parameters, the others going through jacobian; else jacobian),
             ``"structured"``, ``"jacobian"``, ``"ntvp"`` or ``"loop"``.
         trace_outputs: return ``Σ_a K[..., a, a]`` with shape ``(n1, n2)``.
         groups: ``None`` for one kernel; ``'layer'``, ``'param'``, a callable ``name -> group``
@@ -217,12 +219,30 @@ def estimate_memory(model: Any, x1: Tensor, x2: Tensor | None = None, *,
 
 
 def _cost(fm: FunctionalModel, x: Tensor, p: int, n1: int, n2: int, impl: str, trace: bool,
-          n_groups: int) -> tuple[int, Callable[[int, int], int]]:
+          n_groups: int, has_precondition: bool = False
+          ) -> tuple[int, Callable[[int, int], int]]:
     s = torch.empty((), dtype=fm.dtype).element_size()
     P = fm.num_params
-    A = activation_bytes(fm, x) / s  # floats per example
     out = n1 * n2 * (1 if trace else p * p) * s * n_groups
 
+    def jacobian_floats(c1: int, c2: int, n_params: int, acts: float) -> float:
+        return ((c1 + c2) * p * n_params + max(c1, c2) * acts * (1 + p) + n_params
+                + c1 * c2 * p * p)
+
+    if impl == "structured":  # recorded layer inputs/sensitivities and Gram temporaries; the
+        # parameters outside supported layers go through the jacobian path, run separately
+        from .structured import generic_numel, working_floats
+
+        floats = working_floats(fm, x, p, trace, has_precondition, n_groups)
+        Pg = generic_numel(fm, x)
+        Ag = activation_bytes(fm, x) / s if Pg else 0.0
+
+        def work(c1: int, c2: int) -> int:
+            generic = jacobian_floats(c1, c2, Pg, Ag) if Pg else 0.0
+            return int(_SAFETY * s * max(floats(c1, c2), generic))
+        return out, work
+
+    A = activation_bytes(fm, x) / s  # floats per example
     if impl == "ntvp":
         def work(c1: int, c2: int) -> int:
             return int(_SAFETY * s * (c2 * p * P + c2 * A * (1 + p) + c2 * p * c1 * (A + p)
@@ -232,15 +252,15 @@ def _cost(fm: FunctionalModel, x: Tensor, p: int, n1: int, n2: int, impl: str, t
             return int(_SAFETY * s * ((c1 + c2) * p * P + 2 * A + 2 * P))
     else:  # jacobian (and the generic fallback of structured)
         def work(c1: int, c2: int) -> int:
-            return int(_SAFETY * s * ((c1 + c2) * p * P + max(c1, c2) * A * (1 + p) + P
-                                      + c1 * c2 * p * p))
+            return int(_SAFETY * s * jacobian_floats(c1, c2, P, A))
     return out, work
 
 
 def _plan_chunks(fm: FunctionalModel, x1: Tensor, x2: Tensor, p: int, impl: str, trace: bool,
-                 budget: int, chunk_size: int | None, n_groups: int) -> int:
+                 budget: int, chunk_size: int | None, n_groups: int,
+                 has_precondition: bool = False) -> int:
     n1, n2 = x1.shape[0], x2.shape[0]
-    out, work = _cost(fm, x1, p, n1, n2, impl, trace, n_groups)
+    out, work = _cost(fm, x1, p, n1, n2, impl, trace, n_groups, has_precondition)
     hint = ("use the matrix-free EntkOperator / entk_topk (tangentscope.entk_topk) for spectra, "
             "trace_outputs=True, fewer inputs, or a larger memory_budget= "
             "(TANGENTSCOPE_MEMORY_BUDGET)")

@@ -1,0 +1,311 @@
+"""eNTK implementations side by side: seconds and peak memory, one thread, float32.
+
+Cases (issue 2): MLP 10→512→512→p (tanh) with p = 1, 10 and n = 256, 1024; a CNN on 1×28×28
+(conv 1→16 3×3, conv 16→32 3×3 stride 2, linear head) with p = 10, n = 256. Each is computed
+with tangentscope's default (``implementation="auto"``), ``"jacobian"`` and ``"ntvp"``, and with
+neural-tangents' three implementations (JAX, in ``.venv-nt``; skipped with a note if absent).
+
+Every (case, implementation) runs in a fresh one-thread process: one cold call gives the peak
+memory (RSS high-water mark minus RSS before the call), then the median of warm calls gives the
+seconds (one warm call when the cold one took > 5 s). Cases are skipped, with the reason in the
+JSON, when neural-tangents' algorithm would need more than ``--memory-budget`` by the library's
+own estimate for the same algorithm (neural-tangents cannot chunk), or when the time predicted
+from the same implementation at a smaller n (scaled by n²) exceeds ``--max-seconds``.
+
+    python benchmarks/entk.py            # writes benchmarks/results/entk.json (~30 min)
+    python benchmarks/entk.py --quick    # small n, a few minutes (results/entk-quick.tmp)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import tangentscope as ts
+from tangentscope._utils import parse_bytes
+from tangentscope.models import mlp
+from tangentscope.kernels.entk import _structured_supports
+from tangentscope.kernels.functional import functionalize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (MEMORY_METHOD, RESULTS, machine, run_worker, time_calls,  # noqa: E402
+                     worker_reply, write_results)
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[1]
+NT_PYTHON = ROOT / ".venv-nt" / "bin" / "python"
+TORCH_IMPLS = ("default", "jacobian", "ntvp")
+NT_IMPLS = ("jacobian_contraction", "ntk_vector_products", "structured_derivatives")
+NT_EQUIV = {"jacobian_contraction": "jacobian", "ntk_vector_products": "ntvp",
+            "structured_derivatives": "structured"}
+FULL = [("mlp", 256, 1), ("mlp", 1024, 1), ("mlp", 256, 10), ("mlp", 1024, 10),
+        ("cnn", 256, 10)]
+QUICK = [("mlp", 32, 1), ("mlp", 64, 1), ("mlp", 32, 10), ("cnn", 16, 10)]
+
+
+class CNN(nn.Module):
+    """1×28×28 → conv 16 (3×3) → ReLU → conv 32 (3×3, stride 2) → ReLU → linear → p."""
+
+    def __init__(self, p: int):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.fc = nn.Linear(32 * 14 * 14, p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(h.flatten(1))
+
+
+def build(model: str, n: int, p: int) -> tuple[nn.Module, torch.Tensor]:
+    """The case's model (seeded, eval mode, float32) and inputs ``(n, ...)``."""
+    torch.manual_seed(0)
+    if model == "mlp":
+        return mlp(10, 512, 2, p, activation="tanh").eval(), torch.randn(n, 10)
+    return CNN(p).eval(), torch.randn(n, 1, 28, 28)
+
+
+def export(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    """Weights ``w0, b0, w1, ...`` and inputs ``x`` for the JAX worker (dense weights as
+    ``(in, out)``, convolution weights OIHW)."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    arrays = {"x": x.numpy()}
+    for i, m in enumerate(layers):
+        w = m.weight.detach()
+        arrays[f"w{i}"] = (w.T if isinstance(m, nn.Linear) else w).contiguous().numpy()
+        arrays[f"b{i}"] = m.bias.detach().numpy()
+    np.savez(path, **arrays)
+
+
+def torch_worker(payload: dict) -> dict:
+    torch.set_num_threads(1)
+    model, x = build(payload["model"], payload["n"], payload["p"])
+    impl = "auto" if payload["impl"] == "default" else payload["impl"]
+
+    def call() -> torch.Tensor:
+        return ts.entk(model, x, implementation=impl, memory_budget=payload["budget"])
+
+    result = time_calls(call, repeats=payload["repeats"])
+    if payload["impl"] == "default":
+        chosen = _structured_supports(functionalize(model), x)
+        result["implementation_chosen"] = "structured" if chosen else "jacobian"
+    if payload.get("save_kernel"):
+        np.save(payload["save_kernel"], call().numpy())
+    return result
+
+
+def _key(impl: str) -> str:
+    return f"nt.{impl}" if impl in NT_IMPLS else f"tangentscope.{impl}"
+
+
+def _run(impl: str, model: str, n: int, p: int, npz: Path, args: argparse.Namespace,
+         save_kernel: str | None = None) -> dict:
+    payload = {"model": model, "n": n, "p": p, "impl": impl, "repeats": args.repeats,
+               "budget": args.memory_budget, "npz": str(npz), "save_kernel": save_kernel}
+    if impl in NT_IMPLS:
+        return run_worker(str(NT_PYTHON), str(HERE.parent / "_entk_nt.py"), payload,
+                          timeout=3 * args.max_seconds + 120)
+    return run_worker(sys.executable, str(HERE), payload, timeout=3 * args.max_seconds + 120)
+
+
+def _predicted(done: list[dict], model: str, n: int, p: int, key: str) -> float | None:
+    """Seconds predicted for ``n`` from the largest smaller ``n`` measured (∝ n²)."""
+    prev = [c for c in done if c["model"] == model and c["p"] == p and c["n"] < n
+            and "seconds" in c["results"].get(key, {})]
+    if not prev:
+        return None
+    c = max(prev, key=lambda c: c["n"])
+    return c["results"][key]["seconds"] * (n / c["n"]) ** 2
+
+
+def cross_check(model_name: str, p: int, args: argparse.Namespace, tmp: Path) -> dict:
+    """Relative max error of the float32 default kernel and of neural-tangents' structured
+    kernel, each against tangentscope's float64 kernel, on 16 examples with the same weights."""
+    model, x = build(model_name, 16, p)
+    npz = tmp / f"check_{model_name}.npz"
+    export(model, x, npz)
+    k_ts = ts.entk(model, x).numpy()
+    k64 = ts.entk(model, x, dtype=torch.float64).numpy()
+    out = {"n": 16, "p": p, "float32_vs_float64_rel": float(np.abs(k_ts - k64).max()
+                                                            / np.abs(k64).max())}
+    if NT_PYTHON.exists():
+        path = tmp / f"check_{model_name}_nt.npy"
+        r = _run("structured_derivatives", model_name, 16, p, npz, args, str(path))
+        if "skipped" in r:
+            out["nt"] = r["skipped"]
+        else:
+            k_nt = np.load(path)
+            out["nt_structured_vs_float64_rel"] = float(np.abs(k_nt - k64).max()
+                                                        / np.abs(k64).max())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small n, 1 repeat (smoke check)")
+    ap.add_argument("--repeats", type=int, default=3, help="warm calls per measurement")
+    ap.add_argument("--memory-budget", default="8G",
+                    help="memory for each call (tangentscope chunks to it; NT cases estimated "
+                         "above it are skipped)")
+    ap.add_argument("--max-seconds", type=float, default=150.0,
+                    help="skip a case whose predicted time per call exceeds this")
+    ap.add_argument("--impls", default=",".join(TORCH_IMPLS + NT_IMPLS))
+    ap.add_argument("--out", default=None, help="output JSON path")
+    ap.add_argument("--table", metavar="JSON", help="print the markdown table of a results "
+                    "file and exit (with --clock cpu|wall)")
+    ap.add_argument("--clock", default="cpu", choices=("cpu", "wall"))
+    args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text()), args.clock))
+        return
+    if args.quick:
+        args.repeats, args.max_seconds = 1, 20.0
+    impls = [i for i in args.impls.split(",") if i]
+    cases = QUICK if args.quick else FULL
+    budget = parse_bytes(args.memory_budget)
+    notes = [f"timing: median of {args.repeats} warm calls after one cold call (1 warm call if "
+             "the cold call took > 5 s); one thread (torch.set_num_threads(1), XLA "
+             "single-threaded Eigen); float32; each measurement in a fresh process",
+             f"memory: {MEMORY_METHOD}",
+             "neural-tangents: empirical_ntk_fn(f, trace_axes=(), vmap_axes=0) under jax.jit, "
+             "timed after ahead-of-time compilation (compile_seconds reported apart); f is a "
+             "plain JAX function mirroring the torch module with the same weights, dense "
+             "weights laid out (in, out) so that f computes x W + b (neural-tangents' "
+             "structured rules do not apply through a transposed parameter)"]
+    if not NT_PYTHON.exists():
+        impls = [i for i in impls if i not in NT_IMPLS]
+        notes.append(f"neural-tangents skipped: {NT_PYTHON} not found (see "
+                     "docs/performance.md for the environment)")
+    done: list[dict] = []
+    t_start = time.time()
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        for model_name, n, p in cases:
+            model, x = build(model_name, n, p)
+            npz = tmp / f"{model_name}_{n}_{p}.npz"
+            export(model, x, npz)
+            case = {"name": f"{model_name}_n{n}_p{p}", "model": model_name, "n": n, "p": p,
+                    "P": sum(q.numel() for q in model.parameters()), "results": {}}
+            for impl in impls:
+                key = _key(impl)
+                pred = _predicted(done, model_name, n, p, key)
+                if impl in NT_IMPLS:
+                    est = ts.estimate_memory(model, x, implementation=NT_EQUIV[impl])["total"]
+                    if est > budget:
+                        case["results"][key] = {
+                            "skipped": f"estimated {est / 2**30:.1f} GiB (tangentscope."
+                                       f"estimate_memory for {NT_EQUIV[impl]!r}, the same "
+                                       f"algorithm, unchunked) > budget "
+                                       f"{budget / 2**30:.1f} GiB", "estimated_bytes": est}
+                        continue
+                if pred is not None and pred > args.max_seconds:
+                    case["results"][key] = {"skipped": f"predicted {pred:.0f} s per call (n² "
+                                                       "from a smaller n) > --max-seconds",
+                                            "predicted_seconds": pred}
+                    continue
+                r = _run(impl, model_name, n, p, npz, args)
+                case["results"][key] = r
+                print(f"{case['name']:>16} {key:<30} "
+                      + (f"{r['seconds']:9.4f} s wall {r['cpu_seconds']:9.4f} s cpu "
+                         f"{(r['peak_bytes'] or 0) / 2**20:8.1f} MiB"
+                         if "seconds" in r else r["skipped"]), flush=True)
+            _ratios(case)
+            done.append(case)
+        checks = {m: cross_check(m, 3, args, tmp) for m in ("mlp", "cnn")}
+    out = {"benchmark": "entk", "quick": args.quick,
+           "command": "python benchmarks/entk.py" + (" --quick" if args.quick else ""),
+           "machine": machine(), "torch": torch.__version__, "wall_seconds": time.time() - t_start,
+           "budget_bytes": budget, "max_seconds": args.max_seconds, "notes": notes,
+           "cases": done, "cross_check": checks, "targets": _targets(done)}
+    path = Path(args.out) if args.out else (RESULTS / ("entk-quick.tmp" if args.quick
+                                                       else "entk.json"))
+    if args.out or args.quick:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
+    else:
+        path = write_results("entk", out)
+    print(table(out))
+    print(f"wrote {path}")
+
+
+def table(data: dict, clock: str = "cpu") -> str:
+    """A markdown table of a results JSON: seconds (``clock``: ``cpu`` or ``wall``) and peak
+    memory per implementation, skipped cases marked."""
+    field = "cpu_seconds" if clock == "cpu" else "seconds"
+    keys = [_key(i) for i in TORCH_IMPLS + NT_IMPLS]
+    head = ["case", "P"] + [k.replace("tangentscope.", "ts.") for k in keys]
+    head += ["default vs jacobian", "default / NT best"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in data["cases"]:
+        cells = [f"{c['model'].upper()} n={c['n']} p={c['p']}", f"{c['P']:,}"]
+        for k in keys:
+            r = c["results"].get(k)
+            if r is None:
+                cells.append("")
+            elif field in r:
+                mem = f" / {r['peak_bytes'] / 2**20:.0f} MiB" if r.get("peak_bytes") else ""
+                cells.append(f"{r[field]:.3g} s{mem}")
+            else:
+                cells.append("skipped (memory)" if "estimated_bytes" in r else
+                             f"skipped (time: ~{r['predicted_seconds']:.0f} s predicted)"
+                             if "predicted_seconds" in r else "did not finish in "
+                             + r["skipped"].split("within ")[-1] if "within" in r["skipped"]
+                             else "failed")
+        sp = c.get("speedup_default_vs_jacobian", {}).get(clock)
+        nt = c.get("time_ratio_default_over_nt_best", {}).get(clock)
+        pred = c["results"].get("tangentscope.jacobian", {}).get("predicted_seconds")
+        d = c["results"].get("tangentscope.default", {}).get("seconds")
+        cells.append(f"{sp:.0f}x faster" if sp else
+                     f"~{pred / d:.0f}x (wall, predicted)" if pred and d else "")
+        cells.append(f"{nt:.2f} ({c['nt_best'][clock].split('.')[1]})" if nt else "")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _ratios(case: dict) -> None:
+    """Speed-up of the default over jacobian and its time relative to neural-tangents' fastest,
+    by wall-clock seconds and by process CPU seconds (robust to other load on the machine)."""
+    res = case["results"]
+    for clock, field in (("wall", "seconds"), ("cpu", "cpu_seconds")):
+        t = {k: v[field] for k, v in res.items() if field in v}
+        d = t.get("tangentscope.default")
+        if d is None:
+            continue
+        if "tangentscope.jacobian" in t:
+            case.setdefault("speedup_default_vs_jacobian", {})[clock] = (
+                t["tangentscope.jacobian"] / d)
+        nt = {k: v for k, v in t.items() if k.startswith("nt.")}
+        if nt:
+            best = min(nt, key=nt.get)
+            case.setdefault("nt_best", {})[clock] = best
+            case.setdefault("time_ratio_default_over_nt_best", {})[clock] = d / nt[best]
+
+
+def _targets(cases: list[dict]) -> dict:
+    out = {}
+    for clock in ("wall", "cpu"):
+        sp = [c["speedup_default_vs_jacobian"][clock] for c in cases
+              if c["model"] == "mlp" and clock in c.get("speedup_default_vs_jacobian", {})]
+        nt = [c["time_ratio_default_over_nt_best"][clock] for c in cases
+              if clock in c.get("time_ratio_default_over_nt_best", {})]
+        out[clock] = {
+            "min_speedup_vs_jacobian_on_mlps": min(sp, default=None),
+            "speedup_vs_jacobian_on_mlps_at_least_20x": all(x >= 20 for x in sp) if sp else None,
+            "max_time_ratio_default_over_nt_best": max(nt, default=None),
+            "default_not_slower_than_nt_best": all(r <= 1 for r in nt) if nt else None}
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        worker_reply(torch_worker(json.loads(sys.argv[2])))
+    else:
+        main()

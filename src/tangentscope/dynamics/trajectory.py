@@ -1,0 +1,362 @@
+"""A recorded training trajectory: kernels, outputs and losses at snapshot times.
+
+A :class:`KernelTrajectory` is what :class:`~tangentscope.dynamics.recorder.KernelRecorder`
+writes and what the operators of :mod:`tangentscope.dynamics.operators` read. Snapshot ``k``
+holds, at optimizer step ``steps[k]`` and training time ``times[k] = Σ_t η_t`` (the sum of the
+learning rates of the steps taken so far, times the loss scale):
+
+- stacked eNTK ``K_SS`` ``(N, N)`` with ``N = n p`` (row ``i*p + a``) — the preconditioned
+  ``J D Jᵀ`` for Adam-like optimizers — and the cross-kernel ``K_QS`` ``(m p, N)``;
+- outputs ``u`` ``(n, p)``, ``U_Q`` ``(m, p)``, output gradient ``g = ∇_u Φ`` ``(n, p)``, the loss
+  Hessian blocks ``B`` ``(n, p, p)``, train and test loss, the learning rate;
+- ``dts``: the per-step time increments of the optimizer steps between snapshot ``k − 1`` and
+  ``k`` (what the ``"gd"`` discretization needs), and ``‖K_QQ‖₂`` for the visibility bound.
+
+Small per-snapshot arrays live in memory; kernels are loaded on demand (one file per snapshot on
+disk), so operators over long runs need RAM for a few ``N × N`` matrices only.
+
+On-disk layout (``run_dir``)::
+
+    trajectory.json        n, p, m, loss, dtype, preconditioned, schedule, model size
+    data.npz               x, y, x_test, y_test (+ anything passed as extra data)
+    index.jsonl            one line per snapshot (appended and fsynced after its file is in place)
+    snapshots/000007.npz   K_SS, K_QS, u, g, B, U_Q, dts (and D when saved) of snapshot 7
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, ShapeError
+from ..io import to_jsonable
+
+__all__ = ["KernelTrajectory", "read_index"]
+
+_ARRAYS = ("K_SS", "K_QS", "B", "D")
+
+
+def read_index(path: Path) -> list[dict[str, Any]]:
+    """Snapshot records of ``path/index.jsonl`` in order, honouring truncation markers.
+
+    A line cut by a crash is dropped, as is a record whose snapshot file is missing. A line
+    ``{"truncate_after_step": s}`` (written when a run is resumed from an earlier snapshot)
+    discards the records after step ``s``.
+    """
+    f = path / "index.jsonl"
+    out: list[dict[str, Any]] = []
+    if not f.exists():
+        return out
+    for line in f.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "truncate_after_step" in rec:
+            out = [r for r in out if r["step"] <= rec["truncate_after_step"]]
+        elif (path / rec["file"]).exists():
+            out.append(rec)
+    return out
+
+
+def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> int:
+    """Write ``arrays`` to ``path`` atomically (temp file, fsync, rename); returns its size."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def _append_line(path: Path, record: Mapping[str, Any]) -> None:
+    # a line cut by a crash has no newline: start on a fresh line so this one stays readable
+    cut = False
+    if path.exists() and path.stat().st_size > 0:
+        with path.open("rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            cut = fh.read(1) != b"\n"
+    with path.open("a") as fh:
+        fh.write(("\n" if cut else "") + json.dumps(to_jsonable(dict(record))) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class _DiskSource:
+    """Loads snapshot arrays from ``snapshots/*.npz`` with a two-entry cache."""
+
+    def __init__(self, root: Path, files: Sequence[str]):
+        self.root, self.files = root, list(files)
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def get(self, k: int, name: str) -> np.ndarray | None:
+        if k not in self._cache:
+            if len(self._cache) >= 2:
+                self._cache.pop(next(iter(self._cache)))
+            with np.load(self.root / self.files[k], allow_pickle=False) as z:
+                self._cache[k] = {key: z[key] for key in z.files if key in _ARRAYS}
+        return self._cache[k].get(name)
+
+    def subset(self, idx: Sequence[int]) -> _DiskSource:
+        return _DiskSource(self.root, [self.files[i] for i in idx])
+
+
+class _MemorySource:
+    """Snapshot arrays held in memory (``run_dir=None`` recordings and synthetic trajectories)."""
+
+    def __init__(self, items: Sequence[Mapping[str, Any]]):
+        self.items = list(items)
+
+    def get(self, k: int, name: str) -> Any:
+        return self.items[k].get(name)
+
+    def subset(self, idx: Sequence[int]) -> _MemorySource:
+        return _MemorySource([self.items[i] for i in idx])
+
+
+def _t64(x: Any) -> Tensor:
+    return torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).to(torch.float64)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KernelTrajectory:
+    """Snapshots of a training run (see module docstring). Index snapshots with ``k``.
+
+    Attributes:
+        steps: ``(S,)`` optimizer step of each snapshot.
+        times: ``(S,)`` training time ``τ = Σ η_t`` (learning rate × loss scale, summed).
+        lrs: ``(S,)`` learning rate in effect at each snapshot.
+        loss: ``(S,)`` training loss ``Φ_S(u)``.
+        test_loss: ``(S,)`` test loss ``Φ_Q(U_Q)`` (NaN without test targets).
+        u: ``(S, n, p)`` training outputs.
+        g: ``(S, n, p)`` output gradients ``∇_u Φ``.
+        U_Q: ``(S, m, p)`` test outputs, or ``None`` without a test set.
+        dts: per snapshot, the ``(k,)`` time increments of the optimizer steps since the
+            previous snapshot (empty for the first).
+        test_gram_norm: ``(S,)`` ``‖K_QQ‖₂`` (largest eigenvalue of the test Gram), or ``None``.
+        meta: ``n, p, m, loss, preconditioned, ...``.
+        data: ``x, y, x_test, y_test`` (and any extra arrays the recorder was given).
+        path: the run directory, if on disk.
+    """
+
+    steps: np.ndarray
+    times: np.ndarray
+    lrs: np.ndarray
+    loss: np.ndarray
+    test_loss: np.ndarray
+    u: Tensor
+    g: Tensor
+    U_Q: Tensor | None
+    dts: tuple[np.ndarray, ...]
+    test_gram_norm: np.ndarray | None
+    meta: Mapping[str, Any]
+    data: Mapping[str, Tensor]
+    path: Path | None
+    _source: Any = dataclasses.field(repr=False)
+
+    # -- sizes ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def n(self) -> int:
+        return self.u.shape[1]
+
+    @property
+    def p(self) -> int:
+        return self.u.shape[2]
+
+    @property
+    def m(self) -> int:
+        return 0 if self.U_Q is None else self.U_Q.shape[1]
+
+    @property
+    def N(self) -> int:
+        """``n p``, the size of the stacked output space."""
+        return self.n * self.p
+
+    # -- per-snapshot arrays (loaded on demand) ---------------------------------------------
+    def _array(self, k: int, name: str) -> Tensor | None:
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"snapshot {k} out of range for a trajectory of {len(self)}")
+        a = self._source.get(k % len(self), name)
+        return None if a is None else _t64(a)
+
+    def kernel(self, k: int) -> Tensor:
+        """Stacked ``K_SS`` ``(N, N)`` of snapshot ``k`` (float64)."""
+        K = self._array(k, "K_SS")
+        assert K is not None
+        return K
+
+    def cross_kernel(self, k: int) -> Tensor | None:
+        """Stacked ``K_QS`` ``(m p, N)`` of snapshot ``k``, or ``None`` without a test set."""
+        return self._array(k, "K_QS")
+
+    def hessian(self, k: int) -> Tensor:
+        """Loss-Hessian blocks ``B`` ``(n, p, p)`` of snapshot ``k``."""
+        B = self._array(k, "B")
+        assert B is not None
+        return B
+
+    def hessian_scale(self, k: int = 0) -> float | None:
+        """``b`` when the loss Hessian at snapshot ``k`` is ``b I`` (squared loss: ``1/n``), else
+        ``None``."""
+        B = self.hessian(k)
+        b = float(B[0, 0, 0])
+        eye = torch.eye(self.p, dtype=B.dtype).expand_as(B)
+        return b if torch.allclose(B, b * eye, rtol=1e-12, atol=0) else None
+
+    def preconditioner(self, k: int) -> Tensor | None:
+        """Flat diagonal preconditioner ``D`` ``(P,)`` of snapshot ``k``, if it was saved."""
+        return self._array(k, "D")
+
+    def index_of_step(self, step: int) -> int:
+        """The snapshot index taken at optimizer step ``step``.
+
+        Raises:
+            ShapeError: no snapshot at that step (the message lists the nearest ones).
+        """
+        hit = np.nonzero(self.steps == step)[0]
+        if hit.size == 0:
+            near = self.steps[np.argsort(np.abs(self.steps - step))[:3]].tolist()
+            raise ShapeError(f"no snapshot at step {step}; nearest snapshot steps: {near}")
+        return int(hit[0])
+
+    # -- views ------------------------------------------------------------------------------
+    def select(self, indices: Sequence[int]) -> KernelTrajectory:
+        """The snapshots ``indices`` (increasing) as a trajectory; step increments of dropped
+        snapshots are merged into the next kept one, so times and ``dts`` stay consistent."""
+        idx = [int(i) % len(self) for i in indices]
+        if not idx or any(b <= a for a, b in zip(idx, idx[1:])):
+            raise ShapeError(f"indices must be non-empty and strictly increasing, got {indices}")
+        dts = [np.zeros(0)] + [np.concatenate(self.dts[a + 1:b + 1]) for a, b in zip(idx, idx[1:])]
+        t = torch.as_tensor(idx)
+        return dataclasses.replace(
+            self, steps=self.steps[idx], times=self.times[idx], lrs=self.lrs[idx],
+            loss=self.loss[idx], test_loss=self.test_loss[idx], u=self.u[t], g=self.g[t],
+            U_Q=None if self.U_Q is None else self.U_Q[t], dts=tuple(dts),
+            test_gram_norm=None if self.test_gram_norm is None else self.test_gram_norm[idx],
+            _source=self._source.subset(idx))
+
+    def subsample(self, every: int) -> KernelTrajectory:
+        """Every ``every``-th snapshot (0, every, 2 every, ...): a sparser snapshot schedule."""
+        if every < 1:
+            raise ShapeError(f"every must be >= 1, got {every}")
+        return self.select(range(0, len(self), every))
+
+    def window(self, start: int, stop: int) -> KernelTrajectory:
+        """Snapshots ``start .. stop`` inclusive."""
+        return self.select(range(start % len(self), stop % len(self) + 1))
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> KernelTrajectory:
+        """Load a trajectory a :class:`KernelRecorder` wrote to ``path``.
+
+        Raises:
+            ConfigError: ``path`` holds no recorded trajectory.
+        """
+        root = Path(path)
+        if not (root / "trajectory.json").exists():
+            raise ConfigError(f"{root} holds no recorded trajectory (no trajectory.json); pass "
+                              "the run_dir given to KernelRecorder")
+        meta = json.loads((root / "trajectory.json").read_text())
+        recs = read_index(root)
+        if not recs:
+            raise ConfigError(f"{root} has no finished snapshot yet")
+        small = []
+        for r in recs:
+            with np.load(root / r["file"], allow_pickle=False) as z:
+                small.append({k: z[k] for k in ("u", "g", "U_Q", "dts") if k in z.files})
+        with np.load(root / "data.npz", allow_pickle=False) as z:
+            data = {k: torch.as_tensor(z[k]) for k in z.files}
+        return cls._build(meta, recs, small, data, root, _DiskSource(root, [r["file"] for r in
+                                                                             recs]))
+
+    @classmethod
+    def _build(cls, meta: Mapping[str, Any], recs: Sequence[Mapping[str, Any]],
+               small: Sequence[Mapping[str, Any]], data: Mapping[str, Tensor], path: Path | None,
+               source: Any) -> KernelTrajectory:
+        def col(name: str, default: float = np.nan) -> np.ndarray:
+            return np.array([default if r.get(name) is None else r[name] for r in recs],
+                            dtype=float)
+
+        has_q = "U_Q" in small[0]
+        gram = col("test_gram_norm")
+        return cls(
+            steps=np.array([r["step"] for r in recs], dtype=np.int64), times=col("time"),
+            lrs=col("lr"), loss=col("loss"), test_loss=col("test_loss"),
+            u=torch.stack([_t64(s["u"]) for s in small]),
+            g=torch.stack([_t64(s["g"]) for s in small]),
+            U_Q=torch.stack([_t64(s["U_Q"]) for s in small]) if has_q else None,
+            dts=tuple(np.asarray(s.get("dts", np.zeros(0)), dtype=float) for s in small),
+            test_gram_norm=None if np.isnan(gram).all() else gram,
+            meta=dict(meta), data=dict(data), path=path, _source=source)
+
+    @classmethod
+    def from_arrays(cls, times: Sequence[float] | np.ndarray, K_SS: Sequence[Tensor],
+                    u: Sequence[Tensor], g: Sequence[Tensor], B: Sequence[Tensor],
+                    loss: Sequence[float], *, K_QS: Sequence[Tensor] | None = None,
+                    U_Q: Sequence[Tensor] | None = None, steps: Sequence[int] | None = None,
+                    dts: Sequence[Sequence[float]] | None = None,
+                    test_gram_norm: Sequence[float] | None = None,
+                    data: Mapping[str, Tensor] | None = None,
+                    meta: Mapping[str, Any] | None = None) -> KernelTrajectory:
+        """An in-memory trajectory from explicit per-snapshot arrays (synthetic or external).
+
+        Args:
+            times: ``(S,)`` increasing training times ``τ_k``.
+            K_SS: ``S`` kernels, ``(n, n, p, p)`` or stacked ``(N, N)``.
+            u, g: ``S`` arrays ``(n, p)``.
+            B: ``S`` loss-Hessian blocks ``(n, p, p)``.
+            loss: ``(S,)`` training losses.
+            K_QS, U_Q: ``S`` cross-kernels ``(m, n, p, p)``/``(m p, N)`` and test outputs.
+            steps: optimizer steps (default ``0..S−1``).
+            dts: per-step time increments between snapshots (default: one step per interval).
+        """
+        from ..kernels.entk import flatten_kernel
+
+        S = len(times)
+        t = np.asarray(times, dtype=float)
+        if len(K_SS) != S or len(u) != S or len(g) != S or len(B) != S or len(loss) != S:
+            raise ShapeError("times, K_SS, u, g, B and loss need one entry per snapshot")
+        if np.any(np.diff(t) < 0):
+            raise ShapeError("times must be non-decreasing")
+        if (K_QS is None) != (U_Q is None):
+            raise ShapeError("pass both K_QS and U_Q (test outputs), or neither")
+        u2 = [_t64(x).reshape(_t64(x).shape[0], -1) for x in u]
+        n, p = u2[0].shape
+        if dts is None:
+            dts = [[]] + [[b - a] for a, b in zip(t, t[1:])]
+        items = []
+        for k in range(S):
+            K = flatten_kernel(_t64(K_SS[k]))
+            if K.shape != (n * p, n * p):
+                raise ShapeError(f"K_SS[{k}] is {tuple(K.shape)} stacked, need {(n * p, n * p)}")
+            it = {"K_SS": K, "B": _t64(B[k]).reshape(n, p, p)}
+            if K_QS is not None:
+                it["K_QS"] = flatten_kernel(_t64(K_QS[k]))
+            items.append(it)
+        recs = [{"step": int(s), "time": float(tk), "lr": float("nan"), "loss": float(lk),
+                 "test_loss": None,
+                 "test_gram_norm": None if test_gram_norm is None else float(test_gram_norm[k])}
+                for k, (s, tk, lk) in enumerate(zip(steps if steps is not None else range(S), t,
+                                                    loss))]
+        small = [{"u": u2[k], "g": _t64(g[k]).reshape(n, p), "dts": np.asarray(dts[k], float),
+                  **({"U_Q": _t64(U_Q[k]).reshape(-1, p)} if U_Q is not None else {})}
+                 for k in range(S)]
+        m = 0 if U_Q is None else small[0]["U_Q"].shape[0]
+        full_meta = {"n": n, "p": p, "m": m, "loss": "unknown", "preconditioned": False,
+                     **dict(meta or {})}
+        return cls._build(full_meta, recs, small, dict(data or {}), None, _MemorySource(items))

@@ -1,0 +1,325 @@
+"""Statistics sources against brute force (one autograd call per example / microbatch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_optim_helpers import brute_per_example, brute_sums, one_thread  # noqa: F401
+from torch import nn
+from torch.nn import functional as F
+from zoo import MODELS, inputs_for, kind
+
+from tangentscope import ConfigError, ShapeError, UnsupportedModelError
+from tangentscope.optim import (
+    GatedAdamW,
+    MicrobatchStats,
+    PerExampleStats,
+    VmapStats,
+    noise_variance,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def mse(out, y):
+    return ((out - y) ** 2).sum(-1).mean()
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y)
+
+
+def _hooked(model, loss_fn, x, y, **kw):
+    stats = PerExampleStats(model, **kw)
+    model.zero_grad()
+    loss_fn(model(x), y).backward()
+    got = stats.collect()
+    stats.remove()
+    return got
+
+
+def _assert_sums(model, got, ref, count, rtol=1e-10):
+    for n, p in model.named_parameters():
+        s1, s2 = ref[n]
+        m = got[id(p)]
+        assert m.count == count, n
+        scale = s2.abs().max().clamp(min=1e-300)
+        torch.testing.assert_close(m.grad_sq_sum, s2, rtol=rtol, atol=rtol * float(scale),
+                                   msg=lambda s: f"{n} S2: {s}")
+        torch.testing.assert_close(m.grad_sum, s1, rtol=rtol, atol=rtol * float(
+            s1.abs().max().clamp(min=1e-300)), msg=lambda s: f"{n} S1: {s}")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("source", ["hooks", "vmap"])
+def test_sources_match_brute_force_on_the_zoo(name, source):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    x = inputs_for(kind(name), 7)
+    with torch.no_grad():
+        p = model(x).shape[1]
+    y = torch.randn(7, p, dtype=torch.float64)
+    ref = brute_sums(model, mse, x, y)
+    if source == "hooks":
+        got = _hooked(model, mse, x, y)
+    else:
+        vs = VmapStats(model, mse, chunk_size=3)
+        model.zero_grad()
+        loss = vs.backward(x, y)
+        torch.testing.assert_close(loss, mse(model(x), y))
+        got = vs.collect()
+        for n, q in model.named_parameters():               # p.grad = the mean-loss gradient
+            torch.testing.assert_close(q.grad, ref[n][0])
+    _assert_sums(model, got, ref, 7)
+
+
+class SeqModel(nn.Module):
+    """Linear layers on ``(b, L, d)`` sequences, LayerNorm without bias, RMSNorm, a Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=1)
+        self.ln = nn.LayerNorm(4, bias=False)
+        self.fc = nn.Linear(4, 5)
+        self.rms = nn.RMSNorm(5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):                                 # x: (b, 3, T)
+        h = self.conv(x).transpose(1, 2)                  # (b, L, 4)
+        h = torch.tanh(self.fc(self.ln(h)))
+        return self.out(self.rms(h)).mean(1)
+
+
+@pytest.mark.parametrize("T", [1, 3, 9])                 # L = 1 / 2 (pair expansion) / 5 (bmm)
+def test_sequence_layers_every_closed_form_path(T):
+    torch.manual_seed(T)
+    model = SeqModel().double()
+    x = torch.randn(6, 3, T, dtype=torch.float64)
+    y = torch.randn(6, 2, dtype=torch.float64)
+    _assert_sums(model, _hooked(model, mse, x, y), brute_sums(model, mse, x, y), 6)
+    _assert_sums(model, _hooked(model, mse, x, y, pair_limit=0, chunk_bytes=64),
+                 brute_sums(model, mse, x, y), 6)
+
+
+class TokenModel(nn.Module):
+    """Embedding with padding and repeated tokens, a Conv2d, eval BatchNorm2d, a tied head and a
+    module applied twice per forward."""
+
+    def __init__(self, V=6, d=4):
+        super().__init__()
+        self.emb = nn.Embedding(V, d, padding_idx=0)
+        self.conv = nn.Conv2d(1, 2, (2, 2), padding="valid")
+        self.bn = nn.BatchNorm2d(2).eval()
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, V, bias=False)
+        self.head.weight = self.emb.weight                # tied
+
+    def forward(self, tok):                               # tok: (b, L)
+        h = self.emb(tok)                                 # (b, L, d)
+        c = self.bn(self.conv(h.unsqueeze(1)))            # (b, 2, L-1, d-1)
+        h = h + 0.1 * c.mean((1, 2)).sum(-1)[:, None, None]
+        h = torch.tanh(self.mix(torch.tanh(self.mix(h))))  # mix used twice
+        return self.head(h.mean(1))
+
+
+def test_tokens_padding_tied_and_reused_weights():
+    torch.manual_seed(0)
+    model = TokenModel().double()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.3, 0.3)
+        model.bn.running_var.uniform_(0.5, 2)
+    tok = torch.tensor([[1, 2, 2, 0], [3, 3, 3, 3], [0, 0, 5, 1], [4, 1, 4, 1], [2, 5, 0, 3]])
+    y = torch.tensor([1, 2, 3, 4, 5])
+    _assert_sums(model, _hooked(model, ce, tok, y), brute_sums(model, ce, tok, y), 5)
+
+
+@pytest.mark.parametrize("b", [3, 4])                     # b = 4 = L: ambiguous → explicit
+def test_position_embedding_without_batch_dim(b):
+    from tangentscope.models import TinyTransformer
+
+    torch.manual_seed(0)
+    model = TinyTransformer(7, 3, d_model=8, n_heads=2, n_layers=1, d_mlp=16, max_len=4).double()
+    x = torch.randint(0, 7, (b, 4))
+    y = torch.randn(b, 3, dtype=torch.float64)
+    kw = {"broadcast": ["pos"]} if b == 4 else {}
+    _assert_sums(model, _hooked(model, mse, x, y, **kw), brute_sums(model, mse, x, y), b)
+
+
+def test_copies_of_a_hooked_model_and_autograd_grad_calls_are_ignored():
+    import copy
+
+    torch.manual_seed(0)
+    model = MODELS["mlp_p4"]()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    stats = PerExampleStats(model)
+    twin = copy.deepcopy(model)                            # carries the hooks along
+    mse(twin(torch.randn(50, 3, dtype=torch.float64)), torch.zeros(50, 4,
+                                                                  dtype=torch.float64)).backward()
+    torch.autograd.grad(mse(model(x[:2]), y[:2]), list(model.parameters()))   # a penalty term
+    model.zero_grad()
+    mse(model(x), y).backward()
+    _assert_sums(model, stats.collect(), brute_sums(model, mse, x, y), 6)
+
+
+def test_gradient_accumulation_adds_examples():
+    torch.manual_seed(0)
+    model = MODELS["mlp_p4"]()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
+    stats = PerExampleStats(model)
+    model.zero_grad()
+    for sl in (slice(0, 5), slice(5, 10)):               # HF style: mean over microbatch / M
+        (mse(model(x[sl]), y[sl]) / 2).backward()
+    with torch.no_grad():
+        model(x)                                          # forward without grad: ignored
+    _assert_sums(model, stats.collect(), brute_sums(model, mse, x, y), 10)
+
+
+def test_low_precision_and_float64_parameters():
+    torch.manual_seed(0)
+    ref_model = MODELS["mlp_p4"]()
+    x, y = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
+    model = MODELS["mlp_p4"]().to(torch.bfloat16)
+    model.load_state_dict(ref_model.to(torch.bfloat16).double().state_dict())
+    ref = brute_sums(model.double(), mse, x, y)           # exact on the bf16-rounded weights
+    model = model.to(torch.bfloat16)
+    got = _hooked(model, mse, x.bfloat16(), y.bfloat16())
+    for n, p in model.named_parameters():
+        m = got[id(p)]
+        assert m.grad_sq_sum.dtype == torch.float32       # accumulated in float32
+        rel = (m.grad_sq_sum.double() - ref[n][1]).norm() / ref[n][1].norm()
+        assert rel < 0.05, (n, float(rel))                # bf16 forward/backward rounding
+
+
+def test_mean_and_sum_losses_give_the_same_noise_in_their_own_units():
+    torch.manual_seed(0)
+    model = MODELS["mlp_p1"]()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    mean = _hooked(model, mse, x, y)
+    total = _hooked(model, lambda o, t: ((o - t) ** 2).sum(), x, y)
+    for p in model.parameters():
+        a, b = mean[id(p)], total[id(p)]
+        torch.testing.assert_close(b.noise_variance(), 64 * a.noise_variance())  # b² × in p.grad²
+        torch.testing.assert_close(b.loo_decrease() / b.grad_sum.square().clamp(min=1e-300),
+                                   a.loo_decrease() / a.grad_sum.square().clamp(min=1e-300))
+
+
+def test_microbatch_source_matches_brute_force_and_needs_two():
+    torch.manual_seed(0)
+    model = MODELS["cnn"]()
+    x = inputs_for("cnn", 12)
+    y = torch.randn(12, 3, dtype=torch.float64)
+    stats = MicrobatchStats(model)
+    M = 4
+    model.zero_grad()
+    for j in range(M):
+        sl = slice(3 * j, 3 * j + 3)
+        (mse(model(x[sl]), y[sl]) / M).backward()
+    got = stats.collect()
+    for p in model.parameters():
+        cs = []
+        for j in range(M):
+            sl = slice(3 * j, 3 * j + 3)
+            g = torch.autograd.grad(mse(model(x[sl]), y[sl]) / M, p)[0]
+            cs.append(g)
+        cs = torch.stack(cs)
+        m = got[id(p)]
+        assert m.count == M and m.source == "microbatch"
+        torch.testing.assert_close(m.grad_sum, cs.sum(0))
+        torch.testing.assert_close(m.grad_sq_sum, (cs * cs).sum(0))
+        torch.testing.assert_close(m.noise_variance(),
+                                   noise_variance(cs.sum(0), (cs * cs).sum(0), M))
+    stats.reset()
+    opt = GatedAdamW(model.parameters(), stats=stats)
+    model.zero_grad()
+    mse(model(x), y).backward()                           # one microbatch only
+    with pytest.raises(ConfigError, match="variance of one sample is undefined"):
+        opt.step()
+
+
+def test_errors_name_the_problem_and_the_fix():
+    class Raw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+            self.scale = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return self.fc(x) * self.scale
+
+    with pytest.raises(UnsupportedModelError, match=r"scale.*VmapStats"):
+        PerExampleStats(Raw())
+    with pytest.raises(UnsupportedModelError, match="groups=2"):
+        PerExampleStats(nn.Conv2d(2, 2, 3, groups=2))
+    with pytest.raises(UnsupportedModelError, match="sparse"):
+        PerExampleStats(nn.Embedding(5, 3, sparse=True))
+    with pytest.raises(ConfigError, match="not modules"):
+        PerExampleStats(nn.Linear(2, 2), broadcast=["nope"])
+
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))   # train mode
+    PerExampleStats(bn)
+    with pytest.raises(UnsupportedModelError, match="model.eval"):
+        bn(torch.randn(5, 3))
+
+    class TiedFunctional(nn.Module):                      # head via F.linear: invisible to hooks
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 3)
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, t):
+            return F.linear(torch.tanh(self.fc(self.emb(t))), self.emb.weight)
+
+    m = TiedFunctional()
+    PerExampleStats(m)
+    with pytest.raises(UnsupportedModelError, match="do not add up to p.grad"):
+        ce(m(torch.tensor([1, 2, 3])), torch.tensor([0, 1, 2])).backward()
+
+    flat = nn.Sequential(nn.Flatten(0, 1), nn.Linear(3, 2))
+    PerExampleStats(flat)
+    with pytest.raises(ShapeError, match="batch as the first"):
+        flat(torch.randn(4, 5, 3))
+
+    with pytest.raises(ShapeError, match="examples but targets"):
+        VmapStats(nn.Linear(3, 1), mse).backward(torch.randn(4, 3), torch.randn(3, 1))
+
+
+def _ddp_worker(rank, world, init_file, out_file, bucket_view):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.manual_seed(0)
+    model = MODELS["mlp_p4"]()
+    ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
+    stats = MicrobatchStats(model)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(world, 2, 5, 3, generator=g, dtype=torch.float64)   # rank, microbatch, b
+    Y = torch.randn(world, 2, 5, 4, generator=g, dtype=torch.float64)
+    with ddp.no_sync():                                                 # accumulate locally
+        (mse(ddp(X[rank, 0]), Y[rank, 0]) / 2).backward()
+    (mse(ddp(X[rank, 1]), Y[rank, 1]) / 2).backward()                  # all-reduce
+    got = stats.collect()
+    if rank == 0:
+        out = []
+        for p in model.parameters():
+            cs = torch.stack([torch.autograd.grad(mse(model(X[r, j]), Y[r, j]) / 2, p)[0] / world
+                              for r in range(world) for j in range(2)])  # DDP averages ranks
+            m = got[id(p)]
+            out.append((m.count, m.grad_sum, m.grad_sq_sum, p.grad.clone(), cs))
+        torch.save(out, out_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bucket_view", [False, True])
+def test_microbatch_source_under_ddp_ranks_are_microbatches(tmp_path, bucket_view):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), bucket_view),
+             nprocs=2)
+    for count, s1, s2, grad, cs in torch.load(tmp_path / "out"):
+        assert count == 4
+        torch.testing.assert_close(s1, cs.sum(0))
+        torch.testing.assert_close(grad, cs.sum(0))
+        torch.testing.assert_close(s2, (cs * cs).sum(0))

@@ -1,0 +1,359 @@
+"""The structured-derivatives eNTK against its brute-force twins (float64, 1e-10).
+
+Twins: ``zoo.brute_force_entk`` (one autograd call per example and output) and the generic
+``implementation="jacobian"`` path. Every contraction route (hadamard, positional, materialize)
+is forced in turn on the layers where it is valid.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tangentscope as ts
+from tangentscope.kernels import structured as S
+from zoo import MODELS, brute_force_entk, inputs_for, kind, make_mlp
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def structured(model, x1, x2=None, **kw):
+    return ts.entk(model, x1, x2, implementation="structured", **kw)
+
+
+@pytest.fixture(params=["cheapest", "materialize", "positional"])
+def route(request, monkeypatch):
+    """Force a contraction route wherever it is valid for a block (else the cheapest)."""
+    if request.param != "cheapest":
+        chosen = S._route
+
+        def forced(b, c1, c2, p, trace, has_d):
+            if request.param in S._route_costs(b, c1, c2, p, trace, has_d):
+                return request.param
+            return chosen(b, c1, c2, p, trace, has_d)
+
+        monkeypatch.setattr(S, "_route", forced)
+    return request.param
+
+
+# -- the zoo --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(MODELS))
+def test_zoo_matches_brute_force(name, route):
+    model = MODELS[name]()
+    x1, x2 = inputs_for(kind(name), 5, seed=1), inputs_for(kind(name), 3, seed=2)
+    ref_11, ref_12 = brute_force_entk(model, x1), brute_force_entk(model, x1, x2)
+    torch.testing.assert_close(structured(model, x1), ref_11, **TOL)
+    torch.testing.assert_close(structured(model, x1, x2), ref_12, **TOL)
+    torch.testing.assert_close(structured(model, x1, x2, trace_outputs=True),
+                               ref_12.diagonal(dim1=2, dim2=3).sum(-1), **TOL)
+    torch.testing.assert_close(structured(model, x1, trace_outputs=True),
+                               ref_11.diagonal(dim1=2, dim2=3).sum(-1), **TOL)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_auto_picks_structured_on_the_zoo(name):
+    model = MODELS[name]()
+    x = inputs_for(kind(name), 4)
+    fm = ts.functionalize(model)
+    assert S.supports(fm, x)
+    plan = S.structured_plan(model, x)
+    expected_generic = {"pos.weight"} if name == "transformer" else set()
+    assert set(plan.generic) == expected_generic
+    if name == "transformer":  # the position table is indexed without the batch
+        assert "not per-example" in plan.generic["pos.weight"]
+    torch.testing.assert_close(ts.entk(model, x), brute_force_entk(model, x), **TOL)
+
+
+def test_symmetric_strips_chunks_and_budget(route):
+    """Enough rows for several strips of the symmetric Gram; chunks of every size."""
+    model = make_mlp(4, width=12)
+    x1, x2 = inputs_for("vec", 40, 1), inputs_for("vec", 7, 2)
+    assert len(S._strips(40, 4)) > 1
+    ref = brute_force_entk(model, x1)
+    torch.testing.assert_close(structured(model, x1), ref, **TOL)
+    for c in (1, 3, 16):
+        torch.testing.assert_close(structured(model, x1, chunk_size=c), ref, **TOL)
+        torch.testing.assert_close(structured(model, x1, x2, chunk_size=c),
+                                   brute_force_entk(model, x1, x2), **TOL)
+        torch.testing.assert_close(structured(model, x1, chunk_size=c, trace_outputs=True),
+                                   ref.diagonal(dim1=2, dim2=3).sum(-1), **TOL)
+    est = ts.estimate_memory(model, x1, implementation="structured")
+    K = structured(model, x1, memory_budget=est["output"] + est["working"] // 6)
+    torch.testing.assert_close(K, ref, **TOL)
+
+
+# -- groups and preconditioners ---------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mlp_p4", "cnn", "bn_eval", "transformer"])
+@pytest.mark.parametrize("groups", ["layer", "param", "split"])
+def test_groups_match_jacobian(name, groups):
+    model = MODELS[name]()
+    x1, x2 = inputs_for(kind(name), 4, 1), inputs_for(kind(name), 3, 2)
+    if groups == "split":  # weights and biases in different groups: no merged [W | b] blocks
+        groups = lambda n: n.rsplit(".", 1)[-1]  # noqa: E731
+    got = structured(model, x1, x2, groups=groups)
+    want = ts.entk(model, x1, x2, implementation="jacobian", groups=groups)
+    assert list(got) == list(want)
+    for g in want:
+        torch.testing.assert_close(got[g], want[g], **TOL)
+    torch.testing.assert_close(sum(got.values()), brute_force_entk(model, x1, x2), **TOL)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_precondition_matches_brute_force(name, route):
+    model = MODELS[name]()
+    x1, x2 = inputs_for(kind(name), 4, 1), inputs_for(kind(name), 3, 2)
+    P = sum(q.numel() for q in model.parameters())
+    d = torch.rand(P, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.1
+    ref = brute_force_entk(model, x1, x2, d=d)
+    torch.testing.assert_close(structured(model, x1, x2, precondition=d), ref, **TOL)
+    dd, i = {}, 0
+    for n, q in model.named_parameters():
+        dd[n] = d[i:i + q.numel()].reshape(q.shape)
+        i += q.numel()
+    got = structured(model, x1, x2, precondition=dd, trace_outputs=True, groups="layer")
+    torch.testing.assert_close(sum(got.values()), ref.diagonal(dim1=2, dim2=3).sum(-1), **TOL)
+
+
+# -- layers beyond the zoo -------------------------------------------------------------------
+class Tokens(nn.Module):
+    """Embeddings with repeated tokens, padding_idx, two lookups and a 3-d token batch."""
+
+    def __init__(self, p=3):
+        super().__init__()
+        self.emb = nn.Embedding(6, 4, padding_idx=0)
+        self.emb2 = nn.Embedding(6, 3, padding_idx=-1)
+        self.norm = nn.RMSNorm(4)
+        self.out = nn.Linear(4 + 3, p)
+
+    def forward(self, t):
+        h = self.norm(torch.tanh(self.emb(t))).mean(1)
+        g = self.emb2(t.flip(1)).sum(1) + self.emb2(t[:, :2]).prod(1)  # emb2 called twice
+        return self.out(torch.cat([h, g], -1))
+
+
+def test_embedding_repeated_tokens_and_padding(route):
+    model = Tokens().double()
+    x1 = torch.tensor([[1, 1, 0, 3], [5, 0, 0, 5], [2, 3, 2, 2]])
+    x2 = torch.tensor([[0, 0, 0, 0], [1, 5, 5, 4]])
+    assert not S.structured_plan(model, x1).generic
+    torch.testing.assert_close(structured(model, x1), brute_force_entk(model, x1), **TOL)
+    torch.testing.assert_close(structured(model, x1, x2), brute_force_entk(model, x1, x2),
+                               **TOL)
+    # padding tokens get no gradient (emb pads 0; emb2 pads -1, i.e. 5)
+    K = structured(model, torch.tensor([[0, 0, 0, 0], [5, 5, 5, 5]]), groups="layer")
+    assert K["emb"][0, 0].abs().max() == 0 and K["emb"][1, 1].abs().max() > 0
+    assert K["emb2"][1, 1].abs().max() == 0 and K["emb2"][0, 0].abs().max() > 0
+
+
+class Convs(nn.Module):
+    """Conv1d/2d with groups, dilation, stride, even kernels with 'same', reflect padding,
+    GroupNorm, eval BatchNorm2d, a bias-free conv and an in-place ReLU on a recorded output."""
+
+    def __init__(self, p=2):
+        super().__init__()
+        self.a = nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")
+        self.bn = nn.BatchNorm2d(4)
+        self.b = nn.Conv2d(4, 4, 2, padding="same", groups=2, bias=False)
+        self.gn = nn.GroupNorm(2, 4)
+        self.c = nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=2, groups=2)
+        self.d = nn.Conv1d(6, 3, 2, padding="same")
+        self.fc = nn.Linear(3 * 3 * 3, p)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn(self.a(x)))
+        h = F.relu(self.b(h), inplace=True)
+        h = torch.tanh(self.c(self.gn(h)))
+        h = torch.tanh(self.d(h.flatten(2)))
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own
+def test_conv_variants_and_norms(route):
+    model = Convs().double()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(3, 2, 6, 6, dtype=torch.float64, generator=g)
+    x2 = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=g)
+    assert not S.structured_plan(model, x1).generic
+    torch.testing.assert_close(structured(model, x1, x2), brute_force_entk(model, x1, x2),
+                               **TOL)
+    torch.testing.assert_close(structured(model, x1), brute_force_entk(model, x1), **TOL)
+
+
+class Shared(nn.Module):
+    """One Linear applied twice (recurrently), one tied across two modules, one on positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 5)
+        self.rec = nn.Linear(5, 5)
+        self.a = nn.Linear(5, 5, bias=False)
+        self.b = nn.Linear(5, 5, bias=False)
+        self.b.weight = self.a.weight
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))                    # (n, 4, 5): 4 positions
+        h = torch.tanh(self.rec(torch.tanh(self.rec(h))))
+        h = self.b(torch.tanh(self.a(h)))
+        return self.out(h.mean(1))
+
+
+def test_weight_sharing_is_exact(route):
+    model = Shared().double()
+    x1, x2 = (torch.randn(n, 4, 3, dtype=torch.float64) for n in (4, 3))
+    plan = S.structured_plan(model, x1)
+    assert not plan.generic
+    rec = next(b for b in plan.blocks if b.names[0] == "rec.weight")
+    assert len(rec.calls) == 2 and rec.L == 8  # two calls x four positions
+    torch.testing.assert_close(structured(model, x1, x2), brute_force_entk(model, x1, x2),
+                               **TOL)
+
+
+class Mixed(nn.Module):
+    """Parameters outside supported layers: a custom mixing matrix, an Embedding tied to the
+    output Linear, and a Linear weight also read through a slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.mix = nn.Parameter(torch.eye(4) + 0.1 * torch.randn(4, 4))
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 5, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, t):
+        h = torch.einsum("bld,de->ble", self.emb(t), self.mix)
+        h = torch.tanh(self.fc(h)) + h @ self.fc.weight[:, :4].T * 0.1
+        return self.head(h[:, -1])
+
+
+def test_unsupported_parameters_take_the_generic_path():
+    model = Mixed().double()
+    x1, x2 = torch.randint(0, 5, (4, 3)), torch.randint(0, 5, (3, 3))
+    plan = S.structured_plan(model, x1)
+    assert set(plan.generic) == {"mix", "emb.weight", "fc.weight"}
+    assert "several roles" in plan.generic["emb.weight"] and "einsum" in plan.generic["mix"]
+    assert S.generic_numel(ts.functionalize(model), x1) == 16 + 20 + 16
+    for impl_x2 in (None, x2):
+        torch.testing.assert_close(structured(model, x1, impl_x2),
+                                   brute_force_entk(model, x1, impl_x2), **TOL)
+    d = torch.rand(sum(q.numel() for q in model.parameters()), dtype=torch.float64) + 0.5
+    got = structured(model, x1, x2, precondition=d, groups="layer", chunk_size=2)
+    torch.testing.assert_close(sum(got.values()), brute_force_entk(model, x1, x2, d=d), **TOL)
+    # MultiheadAttention's packed projections are generic; its plain output Linear too, since
+    # the fused attention function receives it (analysis only: no kernel needed here)
+    att = nn.MultiheadAttention(4, 2, batch_first=True).double().eval()
+    fm = ts.functionalize(lambda prm, x: torch.func.functional_call(att, prm, (x, x, x))[0],
+                          dict(att.named_parameters()))
+    plan = S.structured_plan(fm, torch.randn(2, 3, 4, dtype=torch.float64))
+    assert {"in_proj_weight", "out_proj.weight"} <= set(plan.generic)
+
+
+def test_functional_model_with_supported_ops_and_float32():
+    W1, W2 = torch.randn(8, 3, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+
+    def f(prm, x):
+        return F.linear(torch.tanh(F.linear(x, prm["W1"])), prm["W2"])
+
+    x = torch.randn(6, 3, dtype=torch.float64)
+    K = structured(f, x, params={"W1": W1, "W2": W2})
+    torch.testing.assert_close(K, ts.entk(f, x, params={"W1": W1, "W2": W2},
+                                          implementation="jacobian"), **TOL)
+    model = make_mlp(3)
+    K32 = structured(model.float(), x.float())
+    assert K32.dtype == torch.float32
+    torch.testing.assert_close(K32.double(), brute_force_entk(model.double(), x), rtol=1e-4,
+                               atol=1e-4)
+
+
+# -- auto selection, plan cache and errors ------------------------------------------------------
+def test_auto_prefers_jacobian_when_little_is_structured():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(30, 3))
+            self.out = nn.Linear(30, 1)
+
+        def forward(self, x):
+            return self.out(torch.tanh(x @ self.W.T))
+
+    model = Custom().double()
+    x = inputs_for("vec", 4)
+    assert not S.supports(ts.functionalize(model), x)  # 31 of 121 scalars structured
+    torch.testing.assert_close(ts.entk(model, x), brute_force_entk(model, x), **TOL)
+    torch.testing.assert_close(structured(model, x), brute_force_entk(model, x), **TOL)
+
+
+def test_batch_coupled_model_is_refused():
+    class Centered(nn.Module):  # outputs of one example depend on the others: not per-example
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            h = torch.tanh(self.l1(x))
+            return self.l2(h - h.mean(0))
+
+    model = Centered().double()
+    x = inputs_for("vec", 4)
+    assert not S.supports(ts.functionalize(model), x)
+    with pytest.raises(ts.UnsupportedModelError, match="couples the examples"):
+        structured(model, x)
+
+
+def test_stale_cached_plan_is_detected():
+    class Switch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 2)
+            self.extra = False
+
+        def forward(self, x):
+            h = torch.tanh(self.l1(x))
+            if self.extra:  # l2's weight is now also used outside a Linear call
+                h = h + x.sum(1, keepdim=True) * self.l2.weight.sum()
+            return self.l2(h)
+
+    model = Switch().double()
+    x = inputs_for("vec", 4)
+    structured(model, x)
+    model.extra = True
+    torch.testing.assert_close(structured(model, x), brute_force_entk(model, x), **TOL)
+
+
+def test_data_dependent_forward_and_bad_use_are_clear_errors():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.a(x) if x.shape[0] > 2 else self.b(x) + self.a(x)
+
+    x = inputs_for("vec", 5)
+    with pytest.raises(ts.UnsupportedModelError, match="jacobian"):
+        structured(Branchy().double(), x)
+
+    def raw(prm, x):
+        return x @ prm["W"].T
+
+    with pytest.raises(ts.UnsupportedModelError, match="no parameter.*jacobian"):
+        structured(raw, x, params={"W": torch.randn(2, 3, dtype=torch.float64)})
+
+
+def test_memory_estimate_and_refusal_before_work():
+    model = make_mlp(2, width=32)
+    x = inputs_for("vec", 64)
+    est_s = ts.estimate_memory(model, x, implementation="structured")
+    est_j = ts.estimate_memory(model, x, implementation="jacobian")
+    assert 0 < est_s["working"] < est_j["working"]
+    with pytest.raises(ts.KernelTooLargeError, match="chunk_size"):
+        structured(model, x, memory_budget=est_s["output"] + 1000, chunk_size=64)
+    with pytest.raises(ts.KernelTooLargeError, match="entk_topk"):
+        structured(model, x, memory_budget=1000)
