@@ -130,6 +130,9 @@ def test_cli_run_plot_compare(tmp_path, capsys):
     assert (rd.path / "figures" / "toy.png").exists()
     assert main(["run", "toy", "--bogus", "1", "--out", str(tmp_path / "x")]) == 2
     assert "unknown config field --bogus" in capsys.readouterr().err
+    # an abbreviation is never silently expanded to a CLI option (`--pre` is not `--preset`)
+    assert main(["run", "toy", "--pre", "full", "--out", str(tmp_path / "y")]) == 2
+    assert "unknown config field --pre" in capsys.readouterr().err
     assert main(["run", "no-such-experiment"]) == 2
     assert main(["compare", "toy", "--optimizers", "sgd,adam", "--seeds", "0-1",
                  "--out", str(tmp_path / "cc")]) == 0

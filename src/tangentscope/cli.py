@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 
@@ -30,7 +31,7 @@ def _seeds(text: str) -> list[int]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="tangentscope",
+        prog="tangentscope", allow_abbrev=False,
         description="Empirical NTK, signal channel vs reservoir, and the population-risk gate.",
     )
     from importlib.metadata import PackageNotFoundError, version
@@ -40,7 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     except PackageNotFoundError:
         v = "unknown"
     p.add_argument("--version", action="version", version=f"tangentscope {v}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    # experiments take `--field value` overrides: argparse must never expand an abbreviation
+    sub = p.add_subparsers(dest="command", metavar="COMMAND",
+                           parser_class=functools.partial(argparse.ArgumentParser,
+                                                          allow_abbrev=False))
 
     d = sub.add_parser("demo", help="the main job: the live page (or --headless figures + JSON)")
     d.add_argument("--headless", action="store_true",

@@ -122,7 +122,8 @@ def entk(model: Any, x1: Tensor, x2: Tensor | None = None, *,
                 "control flow / in-place ops on inputs from forward().") from e
         raise
     for k in (K.values() if isinstance(K, dict) else [K]):
-        if not torch.isfinite(k).all():
+        # a sum is finite iff every entry is (barring overflow of the sum itself): cheap first
+        if not torch.isfinite(k.sum()) and not torch.isfinite(k).all():
             raise NonFiniteError("the eNTK contains NaN/Inf: the model's outputs or gradients "
                                  "are not finite at these parameters/inputs (check for overflow; "
                                  "try dtype=torch.float64)")
@@ -226,7 +227,8 @@ def _cost(fm: FunctionalModel, x: Tensor, p: int, n1: int, n2: int, impl: str, t
     out = n1 * n2 * (1 if trace else p * p) * s * n_groups
 
     def jacobian_floats(c1: int, c2: int, n_params: int, acts: float) -> float:
-        return ((c1 + c2) * p * n_params + max(c1, c2) * acts * (1 + p) + n_params
+        # per-parameter Jacobians of both chunks plus their flattened (concatenated) copies
+        return (2 * (c1 + c2) * p * n_params + max(c1, c2) * acts * (1 + p) + n_params
                 + c1 * c2 * p * p)
 
     if impl == "structured":  # recorded layer inputs/sensitivities and Gram temporaries; the

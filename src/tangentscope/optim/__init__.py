@@ -16,12 +16,14 @@ from .adamw import GatedAdamW
 from .estimator import (PopulationRiskCurve, PopulationRiskEstimator, curve_agreement,
                         predicted_change, stopping_step)
 from .gated import GatedOptimizer, gate
+from .grokfast import GrokfastEMA, GrokfastMA, grokfast_ema, grokfast_ma
 from .stats import (GradMoments, MicrobatchStats, PerExampleStats, StatsSource, VmapStats,
                     per_example_moments, supported_modules)
 from .transforms import deviation_inflation, gate_from_sums, loo_decrease, noise_variance, snr_gate
 
 __all__ = [
-    "GatedAdamW", "GatedOptimizer", "gate", "GradMoments", "MicrobatchStats", "PerExampleStats",
+    "GatedAdamW", "GatedOptimizer", "gate", "GrokfastEMA", "GrokfastMA", "grokfast_ema",
+    "grokfast_ma", "GradMoments", "MicrobatchStats", "PerExampleStats",
     "StatsSource", "VmapStats", "per_example_moments", "supported_modules", "PopulationRiskCurve",
     "PopulationRiskEstimator", "curve_agreement", "predicted_change", "stopping_step",
     "deviation_inflation", "gate_from_sums", "loo_decrease", "noise_variance", "snr_gate",
