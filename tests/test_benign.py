@@ -156,9 +156,21 @@ def test_benign_smoke_run_plot_and_resume(tmp_path, monkeypatch):
     cells = [json.loads(line)["key"] for line in (rd.path / "cells.jsonl").read_text()
              .splitlines()]
     assert cells == ["gmm/h4/seed0", "gmm/h64/seed0"]
+    # test_error is the whole test set (the logged curve), not the 100-point probe
+    arrays = rd.load_arrays()
+    for key, res in rd.cells().items():
+        assert res["test_error"] == pytest.approx(arrays[f"{key}/curve_test_error"][-1])
+        assert res["n_test"] == 1000 and res["n_probe"] == 100
     import tangentscope.experiments.benign_overfitting as bo
 
     monkeypatch.setattr(bo, "_train_cell", lambda *a, **k: pytest.fail("recomputed a cell"))
     run_experiment(None, resume=rd.path, quiet=True, plot=False)
     with pytest.raises(ConfigError, match="unknown task"):
         bo.Config(tasks=("cifar",))
+
+
+def test_figures_keep_one_seed_per_setting():
+    from tangentscope.viz.phenomena import _one_seed_each
+
+    keys = ["gmm/h10/seed2", "gmm/h10/seed1", "mnist/h16/seed0", "gmm/h200/seed5", "other"]
+    assert _one_seed_each(keys) == ["gmm/h10/seed1", "gmm/h200/seed5", "mnist/h16/seed0", "other"]

@@ -93,6 +93,13 @@ def test_landmarks_find_threshold_peak_and_noise_peak():
     assert lm["first_min_test_error"] == pytest.approx(0.18)
     assert lm["peak_height"] == pytest.approx(0.17)
     assert lm["noise_test_rms_peak_width"] == 8
+    assert lm["noise_test_rms_drop_after_peak"] == pytest.approx(0.75)
+    # a measure that saturates (1, 1, 1 past the threshold) has no drop: not a peak
+    plateau = [dict(r, noise_channel_fraction={"median": f})
+               for r, f in zip(rows, (0.5, 0.9, 1.0, 1.0, 1.0))]
+    lm = _landmarks(plateau)
+    assert lm["noise_channel_fraction_peak_width"] == 8
+    assert lm["noise_channel_fraction_drop_after_peak"] == 0.0
     # ranks of test error (2,1,4,3,0) vs noise (0,1,4,3,2): Σd² = 8, ρ = 1 − 6·8/(5·24)
     assert lm["noise_test_rms_spearman_vs_test_error"] == pytest.approx(0.6)
 
@@ -106,6 +113,11 @@ def test_double_descent_smoke_run_and_resume(tmp_path, monkeypatch):
     assert all("noise_dissipated" in r and "test_error" in r for r in adam)
     assert all("noise_dissipated" not in r for r in s["curves"]["gated"])  # operators: adam only
     assert "peak_width" in s["landmarks"]["adam"]
+    arrays = rd.load_arrays()
+    for key, res in rd.cells().items():  # the full test set, never the probe's error
+        assert res["test_error"] == pytest.approx(arrays[f"{key}/curve_test_error"][-1])
+    assert any(abs(r["probe_test_error"] - r["test_error"]) > 0 for r in rd.cells().values()
+               if "probe_test_error" in r)
     for f in ("dd_curve", "dd_noise"):
         assert (rd.path / "figures" / f"{f}.png").stat().st_size > 1000
     import tangentscope.experiments.double_descent as dd

@@ -96,8 +96,8 @@ class Config:
         scale: multiply ``n_train`` and ``dim`` of every task (smoke runs use a small scale).
         depth: hidden layers of the MLP.
         activation: MLP activation. Smooth by default: with ReLU the first-order (kernel)
-            description of one GD step is off by tens of percent at practical step sizes
-            (kinks; docs/benign-overfitting.md), which the operators would inherit.
+            description of one GD step can be far off at practical step sizes (units crossing
+            their kink), which the operators would inherit; the identity residuals show it.
         optimizer: ``gd`` (exact operators up to the snapshot spacing) or ``adam``.
         lr: Adam learning rate; for ``gd`` the step is ``lr_scale · n / λ_max(K_SS(0))``.
         lr_scale: GD step relative to the stability edge ``2n/λ_max`` halved.
@@ -176,6 +176,7 @@ def _train_cell(task: Task, width: int, seed: int, cfg: Config) -> tuple[dict, d
     err_noisy, err_clean = float(hist.test_error[-1]), float(hist_c.test_error[-1])
     res = {"width": width, "seed": seed, "lr": lr, "steps": steps,
            "num_params": sum(p.numel() for p in net.parameters()), "n": data.n,
+           "n_test": int(xt.shape[0]), "n_probe": m,
            "noise_rate": data.noise_rate,
            "train_error_noisy_labels": float(hist.train_error[-1]),
            "train_loss": float(hist.train_loss[-1]),
@@ -189,7 +190,8 @@ def _train_cell(task: Task, width: int, seed: int, cfg: Config) -> tuple[dict, d
                                              / max(np.linalg.norm(actual), 1e-300)),
            "counterfactual_corr": float(np.corrcoef(pred.ravel(), actual.ravel())[0, 1]),
            "counterfactual_test_rms": float(np.sqrt((actual ** 2).mean())),
-           "seconds_train": hist.seconds + hist_c.seconds, **rep.scalars()}
+           "seconds_train": hist.seconds + hist_c.seconds,
+           **{k: v for k, v in rep.scalars().items() if k != "test_error"}}  # = probe_test_error
     arrays = {"eigenvalues": rep.eigenvalues, "noise_per_mode": rep.noise_per_mode,
               "clean_per_mode": rep.clean_per_mode, "timeline_times": rep.timeline_times,
               "timeline_noise": rep.timeline_noise, "timeline_clean": rep.timeline_clean,

@@ -152,7 +152,7 @@ def _cell(cfg: Config, opt_name: str, width: int, seed: int) -> tuple[dict, dict
     m = min(cfg.n_probe, data.x_test.shape[0])
     lr = gd_step_size(net, data.x, cfg.lr_scale) if opt_name == "gd" else cfg.lr
     opt = make_optimizer(opt_name, net, lr)
-    p = 1 if Y.dim() == 1 else Y.shape[1]
+    p = data.n_classes if cfg.loss == "cross_entropy" else (1 if Y.dim() == 1 else Y.shape[1])
     record = (cfg.operators and opt_name in cfg.operator_optimizers and cfg.loss == "squared"
               and data.n * p <= cfg.max_operator_dim)
     res: dict[str, Any] = {"optimizer": opt_name, "width": width, "seed": seed, "lr": lr,
@@ -188,7 +188,9 @@ def _cell(cfg: Config, opt_name: str, width: int, seed: int) -> tuple[dict, dict
         rep = noise_channel_analysis(traj, Yc, yt[:m], data.y_test[:m], threshold=cfg.threshold,
                                      discretization=cfg.discretization,  # type: ignore[arg-type]
                                      timeline=cfg.timeline)
-        res.update(rep.scalars())
+        sc = rep.scalars()
+        sc["probe_test_error"] = sc.pop("test_error")  # never overwrite the full-test error
+        res.update(sc)
         arrays.update(eigenvalues=rep.eigenvalues, noise_per_mode=rep.noise_per_mode,
                       clean_per_mode=rep.clean_per_mode)
     return res, arrays
@@ -277,7 +279,13 @@ def _landmarks(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
               "minnorm_noise_channel_fraction", "minnorm_noise_test_rms", "minnorm_test_error"):
         v = np.array([_med(r, k) for r in rows])
         if np.isfinite(v).sum() >= 3:
-            lm[f"{k}_peak_width"] = widths[int(np.nanargmax(v))]
+            iv = int(np.nanargmax(v))
+            lm[f"{k}_peak_width"] = widths[iv]
+            # a plateau is not a peak: how far the measure falls after its maximum (relative;
+            # 0 when it stays at the maximum, as a saturated channel fraction does)
+            after = v[iv + 1:][np.isfinite(v[iv + 1:])]
+            lm[f"{k}_drop_after_peak"] = (float((v[iv] - after.min()) / abs(v[iv]))
+                                          if after.size and v[iv] != 0 else 0.0)
             ok = np.isfinite(v) & np.isfinite(te)
             lm[f"{k}_spearman_vs_test_error"] = _spearman(v[ok], te[ok])
     return lm

@@ -62,7 +62,7 @@ class Config:
         dataset, binary, pca, n_train, n_test, label_noise: the data (±1 targets).
         widths: hidden widths (lazy when wide).
         depth, activation: the MLP (smooth activations keep the first-order description exact
-            to O(step); see docs/benign-overfitting.md on ReLU).
+            to O(step); ReLU kinks break it).
         lr_scale: GD step ``lr_scale · n/λ_max(K_SS(0))``.
         steps: GD steps.
         snapshot_every, log_snapshots: recorder schedule (log-spaced snapshots resolve the

@@ -33,6 +33,18 @@ def _band(ax: Any, x: Sequence[float], rows: Sequence[Mapping[str, Any]], key: s
     return True
 
 
+def _one_seed_each(keys: Any) -> list[str]:
+    """``…/seedS`` cell keys reduced to the lowest seed of each setting (readable legends)."""
+    best: dict[str, tuple[int, str]] = {}
+    for k in set(keys):
+        head, _, tail = k.rpartition("/seed")
+        s = int(tail) if tail.isdigit() and head else 0
+        h = head if tail.isdigit() and head else k
+        if h not in best or s < best[h][0]:
+            best[h] = (s, k)
+    return sorted(v[1] for v in best.values())
+
+
 # -- benign overfitting ------------------------------------------------------------------------
 def benign_figures(rd: RunDir) -> list[Path]:
     """``benign_errors`` (test errors per task and width), ``benign_timeline`` (noise vs clean
@@ -61,7 +73,7 @@ def benign_figures(rd: RunDir) -> list[Path]:
             ax.set_ylabel("clean test error")
         axes[0][0].legend(loc="upper right")
         out.append(save_figure(fig, rd.figure_path("benign_errors")))
-    keys = sorted({k.rsplit("/", 1)[0] for k in arrays if k.endswith("/timeline_noise")})
+    keys = _one_seed_each(k.rsplit("/", 1)[0] for k in arrays if k.endswith("/timeline_noise"))
     if keys:
         fig, ax = plt.subplots(figsize=(5.2, 3.4))
         for key in keys:
@@ -74,7 +86,7 @@ def benign_figures(rd: RunDir) -> list[Path]:
         ax.set_xscale("log")
         ax.set_xlabel("training time τ")
         ax.set_ylabel("fraction of its loss dissipated\n2b·vᵀW_S(0,τ)v/‖v‖²")
-        ax.set_title("label noise (solid) enters the channel after the clean part (dashed)")
+        ax.set_title("noise (solid) vs clean (dashed) part of g(0): share dissipated")
         ax.legend(fontsize=6, ncol=2)
         out.append(save_figure(fig, rd.figure_path("benign_timeline")))
     keys = sorted({k.rsplit("/", 1)[0] for k in arrays if k.endswith("/noise_per_mode")})
@@ -153,7 +165,7 @@ def implicit_bias_figures(rd: RunDir) -> list[Path]:
     arrays = rd.load_arrays()
     summ = rd.read_summary()
     out: list[Path] = []
-    keys = sorted({k.rsplit("/", 1)[0] for k in arrays if k.endswith("/learned_time")})
+    keys = _one_seed_each(k.rsplit("/", 1)[0] for k in arrays if k.endswith("/learned_time"))
     if keys:
         fig, ax = plt.subplots(figsize=(4.8, 4.0))
         lo, hi = np.inf, 0.0
@@ -179,6 +191,7 @@ def implicit_bias_figures(rd: RunDir) -> list[Path]:
         w = [r["width"] for r in rows]
         _band(a1, w, rows, "test_rel_error", "vs linearized model, same step")
         _band(a1, w, rows, "minnorm_rel_error", "vs min-norm interpolant of K(0)")
+        _band(a1, w, rows, "minnorm_path_rel_error", "vs min-norm of path-averaged K", ls="--")
         _band(a1, w, rows, "kernel_distance", "‖K_T − K_0‖/‖K_0‖", ls=":")
         a1.set_yscale("log")
         a1.set_ylabel("relative error on test outputs")
