@@ -134,6 +134,14 @@ def test_method_names_aliases_and_validation():
             X.validate(make_config(X.Config, bad))
 
 
+def test_accuracy_at_matched_kl_interpolates_along_the_trajectory():
+    traj = [(0.0, 0.5), (1.0, 0.7), (3.0, 0.6), (2.0, 0.9)]      # KL need not be monotone
+    assert X._acc_at_kl(traj, 0.5) == pytest.approx(0.6)
+    assert X._acc_at_kl(traj, 2.0) == pytest.approx(0.65)        # first crossing wins
+    assert X._acc_at_kl(traj, 1.0) == pytest.approx(0.7)
+    assert X._acc_at_kl(traj, 9.0) == 0.9                         # never that far: final
+
+
 def test_smoke_preset_runs_resumes_and_replots(tmp_path):
     rd = run_experiment("dpo", preset="smoke", out=tmp_path / "r", quiet=True)
     s = rd.read_summary()
@@ -145,6 +153,9 @@ def test_smoke_preset_runs_resumes_and_replots(tmp_path):
         assert 0 <= f["heldout_acc"] <= 1 and f["kl"] > 0 and f["exact"]
         assert cells[k]["steps"] == 3 * 64 // 16
     assert "accuracy" in s["verdict"] and s["table"][0]["heldout_acc"]["n"] == 1
+    for c in s["comparisons"]:          # the controls are computed from the logged trajectories
+        assert c["acc_gain_points_matched_kl"]["n"] == 1 and c["peak_gain_points"]["n"] == 1
+    assert "gain at matched KL" in (rd.path / "table.md").read_text()
     assert (rd.path / "figures" / "dpo_summary.png").stat().st_size > 10_000
     assert (rd.path / "refs" / "seed0.pt").exists()
     gated = [r for r in rd.read_metrics() if r["method"] == "dpo+gated"]

@@ -379,9 +379,44 @@ def _paired(cfg: Config, cells: Mapping[str, Any], a: str, b: str, noise: float,
     return [op(fa[s][metric], fb[s][metric]) for s in sorted(fa.keys() & fb.keys())]
 
 
+def _acc_at_kl(traj: list[tuple[float, float]], kl: float) -> float:
+    """Held-out accuracy where a ``[(kl, acc), ...]`` trajectory (in step order) first reaches
+    ``kl`` (linear in KL between evaluations; the final accuracy if it never gets that far)."""
+    for (k0, a0), (k1, a1) in zip(traj, traj[1:]):
+        if k0 <= kl <= k1:
+            return a0 if k1 == k0 else a0 + (a1 - a0) * (kl - k0) / (k1 - k0)
+    return traj[-1][1]
+
+
+def _matched_kl_gain(cfg: Config, cells: Mapping[str, Any], rows: list[dict[str, Any]],
+                     method: str, base: str, noise: float) -> list[float]:
+    """Per seed: method's final held-out accuracy minus the baseline's at the same KL(π‖π_ref)
+    along the baseline's trajectory (early-stopping the baseline at the method's KL), in points."""
+    by_cell: dict[str, list[tuple[float, float]]] = {}
+    for r in sorted(rows, key=lambda r: r["step"]):
+        if r.get("kl") is not None and r.get("heldout_acc") is not None:
+            by_cell.setdefault(r["cell"], []).append((r["kl"], r["heldout_acc"]))
+    out = []
+    for s in _seeds(cfg):
+        fm, cb = cells.get(_cell_key(s, noise, method)), cells.get(_cell_key(s, noise, base))
+        if fm is None or cb is None:
+            continue
+        traj = by_cell.get(cb.get("alias_of", _cell_key(s, noise, base)))
+        if traj:
+            out.append(100 * (fm["final"]["heldout_acc"] - _acc_at_kl(traj, fm["final"]["kl"])))
+    return out
+
+
 def summarize(cfg: Config, rd: RunDir) -> dict[str, Any]:
-    """Median/spread table over seeds and the two claims' comparisons (paired by seed)."""
+    """Median/spread table over seeds and the two claims' comparisons (paired by seed).
+
+    Besides the final accuracy gain and KL ratio, each comparison carries two controls for "the
+    gate only moves less": the gain over the baseline early-stopped at the method's KL
+    (``acc_gain_points_matched_kl``) and the gain of peak over peak held-out accuracy during
+    training (``peak_gain_points``, oracle early stopping for both).
+    """
     cells = rd.cells()
+    rows = rd.read_metrics()
     table = []
     for rho in cfg.noise_rates:
         for m in cfg.methods:
@@ -400,9 +435,14 @@ def summarize(cfg: Config, rd: RunDir) -> dict[str, Any]:
                 ratio = _paired(cfg, cells, base, g, rho, "kl",
                                 lambda x, y: x / y if y > 0 else math.inf)
                 if gain:
+                    peak = _paired(cfg, cells, g, base, rho, "heldout_acc_peak",
+                                   lambda x, y: 100 * (x - y))
                     claims.append({"noise": rho, "method": g, "vs": base,
                                    "acc_gain_points": _quant(gain),
-                                   "kl_ratio_base_over_method": _quant(ratio)})
+                                   "kl_ratio_base_over_method": _quant(ratio),
+                                   "acc_gain_points_matched_kl": _quant(
+                                       _matched_kl_gain(cfg, cells, rows, g, base, rho)),
+                                   "peak_gain_points": _quant(peak)})
     summary: dict[str, Any] = {"table": table, "comparisons": claims, "verdict": _verdict(claims),
                                "reference": {k: v for k, v in cells.items()
                                              if k.startswith("ref-")}}
@@ -411,6 +451,7 @@ def summarize(cfg: Config, rd: RunDir) -> dict[str, Any]:
             tag = f"{c['method']}@{c['noise']:g}"
             summary[f"acc_gain_pts[{tag}]"] = c["acc_gain_points"]["median"]
             summary[f"kl_ratio[{tag}]"] = c["kl_ratio_base_over_method"]["median"]
+            summary[f"acc_gain_matched_kl_pts[{tag}]"] = c["acc_gain_points_matched_kl"]["median"]
     rd.save_arrays(**_arrays(cfg, cells))
     (rd.path / "table.md").write_text(table_markdown(summary))
     return summary
@@ -432,14 +473,23 @@ def table_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"| {row['noise']:g} | {row['method']} | {len(row['seeds'])} | "
                      + " | ".join(cells) + " |")
     lines += ["", "Paired by seed, against each AdamW baseline (gain in points; KL ratio = "
-              "baseline KL / method KL): median [min–max]", "",
-              "| flip rate | method | vs | acc gain (points) | KL ratio |",
-              "|---|---|---|---|---|"]
+              "baseline KL / method KL; at matched KL = against the baseline early-stopped at "
+              "the method's final KL; peak = best held-out accuracy during training, both "
+              "sides): median [min–max]", "",
+              "| flip rate | method | vs | acc gain (points) | KL ratio | gain at matched KL "
+              "| peak gain |", "|---|---|---|---|---|---|---|"]
+
+    def pts(q: Mapping[str, float] | None) -> str:
+        if not q or q["n"] == 0:
+            return "–"
+        return f"{q['median']:+.1f} [{q['min']:+.1f}–{q['max']:+.1f}]"
+
     for c in summary["comparisons"]:
-        a, k = c["acc_gain_points"], c["kl_ratio_base_over_method"]
-        lines.append(f"| {c['noise']:g} | {c['method']} | {c['vs']} | {a['median']:+.1f} "
-                     f"[{a['min']:+.1f}–{a['max']:+.1f}] | {k['median']:.2f} "
-                     f"[{k['min']:.2f}–{k['max']:.2f}] |")
+        k = c["kl_ratio_base_over_method"]
+        lines.append(f"| {c['noise']:g} | {c['method']} | {c['vs']} | {pts(c['acc_gain_points'])}"
+                     f" | {k['median']:.2f} [{k['min']:.2f}–{k['max']:.2f}] | "
+                     f"{pts(c.get('acc_gain_points_matched_kl'))} | "
+                     f"{pts(c.get('peak_gain_points'))} |")
     return "\n".join(lines) + "\n"
 
 
