@@ -147,3 +147,22 @@ def test_cli_help_and_version(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert "tangentscope" in capsys.readouterr().out
+
+
+def test_seed_stats_drops_none_and_nan_and_matches_numpy():
+    import math
+
+    import numpy as np
+
+    from tangentscope.experiments._framework import seed_stats
+
+    vals = [3.0, None, 1.0, float("nan"), 2.0, 10.0]
+    s = seed_stats(vals)
+    xs = np.array([3.0, 1.0, 2.0, 10.0])
+    assert s["n"] == 4 and s["missing"] == 2
+    assert s["median"] == np.median(xs) and s["min"] == 1.0 and s["max"] == 10.0
+    assert s["q25"] == pytest.approx(np.quantile(xs, 0.25)) and \
+        s["q75"] == pytest.approx(np.quantile(xs, 0.75))
+    assert seed_stats([math.inf, 1.0])["max"] == math.inf      # "never reached" is kept
+    empty = seed_stats([None], empty=None)
+    assert empty["median"] is None and empty["n"] == 0 and empty["missing"] == 1

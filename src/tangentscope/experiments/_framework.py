@@ -25,6 +25,7 @@ import datetime as _dt
 import importlib
 import itertools
 import json
+import math
 import pkgutil
 import statistics
 import time
@@ -290,6 +291,15 @@ def _quantiles(xs: list[float]) -> dict[str, float]:
     q = statistics.quantiles(xs, n=4, method="inclusive")
     return {"median": statistics.median(xs), "q25": q[0], "q75": q[2], "min": xs[0],
             "max": xs[-1]}
+
+
+def seed_stats(values: Sequence[float | None], *, empty: Any = math.nan) -> dict[str, Any]:
+    """Median, quartiles, min and max of ``values`` (one per seed), with ``n`` (values used)
+    and ``missing`` (``None`` and NaN dropped; ±inf, e.g. "never reached", is kept); every
+    statistic is ``empty`` when nothing is left."""
+    xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    stats = _quantiles(xs) if xs else dict.fromkeys(("median", "q25", "q75", "min", "max"), empty)
+    return {**stats, "n": len(xs), "missing": len(values) - len(xs)}
 
 
 def compare(name: str, vary: Mapping[str, Iterable[Any]], *, seeds: Sequence[int] = (0, 1, 2),

@@ -36,7 +36,7 @@ import torch
 from .._utils import progress
 from ..errors import ConfigError
 from ..io import RunDir
-from ._framework import Experiment, _quantiles
+from ._framework import Experiment, seed_stats
 
 LOSS_NAMES = ("dpo", "cdpo", "rdpo")
 OPTIMIZER_NAMES = ("adamw", "gated", "gated_exact")
@@ -355,14 +355,6 @@ def run(cfg: Config, rd: RunDir) -> dict[str, Any]:
 
 
 # -- summary ------------------------------------------------------------------------------------
-def _quant(xs: list[float]) -> dict[str, float]:
-    """Median, quartiles, min, max and count of the finite values (NaN when none)."""
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    if not xs:
-        return {k: math.nan for k in ("median", "q25", "q75", "min", "max")} | {"n": 0}
-    return {**_quantiles(xs), "n": len(xs)}
-
-
 def _finals(cfg: Config, cells: Mapping[str, Any], method: str, noise: float
             ) -> dict[int, dict[str, Any]]:
     out = {}
@@ -423,7 +415,7 @@ def summarize(cfg: Config, rd: RunDir) -> dict[str, Any]:
             fin = _finals(cfg, cells, m, rho)
             row: dict[str, Any] = {"noise": rho, "method": m, "seeds": sorted(fin)}
             for k in (*METRICS, "heldout_acc_peak"):
-                row[k] = _quant([f.get(k) for f in fin.values()])
+                row[k] = seed_stats([f.get(k) for f in fin.values()])
             table.append(row)
     claims = []
     gated = [m for m in cfg.methods if parse_method(m)[1] != "adamw"]
@@ -438,11 +430,11 @@ def summarize(cfg: Config, rd: RunDir) -> dict[str, Any]:
                     peak = _paired(cfg, cells, g, base, rho, "heldout_acc_peak",
                                    lambda x, y: 100 * (x - y))
                     claims.append({"noise": rho, "method": g, "vs": base,
-                                   "acc_gain_points": _quant(gain),
-                                   "kl_ratio_base_over_method": _quant(ratio),
-                                   "acc_gain_points_matched_kl": _quant(
+                                   "acc_gain_points": seed_stats(gain),
+                                   "kl_ratio_base_over_method": seed_stats(ratio),
+                                   "acc_gain_points_matched_kl": seed_stats(
                                        _matched_kl_gain(cfg, cells, rows, g, base, rho)),
-                                   "peak_gain_points": _quant(peak)})
+                                   "peak_gain_points": seed_stats(peak)})
     summary: dict[str, Any] = {"table": table, "comparisons": claims, "verdict": _verdict(claims),
                                "reference": {k: v for k, v in cells.items()
                                              if k.startswith("ref-")}}

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -47,7 +46,7 @@ from torch import Tensor
 from .._utils import progress, seed_everything
 from ..errors import ConfigError
 from ..io import RunDir
-from ._framework import Experiment
+from ._framework import Experiment, seed_stats
 
 __all__ = ["Config", "EXPERIMENT", "OPTIMIZERS", "build_optimizer", "camera_image", "fit",
            "median_spread", "plot", "psnr", "run", "run_cells", "steps_to_reach",
@@ -123,12 +122,10 @@ def steps_to_reach(steps: np.ndarray, values: np.ndarray, level: float, *,
 
 
 def median_spread(values: Sequence[float | None]) -> dict[str, Any]:
-    """``{'median', 'min', 'max', 'n', 'missing'}`` over the non-``None`` values."""
-    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not xs:
-        return {"median": None, "min": None, "max": None, "n": 0, "missing": len(values)}
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs),
-            "missing": len(values) - len(xs)}
+    """``{'median', 'min', 'max', 'n', 'missing'}`` over the finite values (``None`` if none)."""
+    s = seed_stats([v if v is not None and math.isfinite(float(v)) else None for v in values],
+                   empty=None)
+    return {k: s[k] for k in ("median", "min", "max", "n", "missing")}
 
 
 def aggregate(cells: Mapping[str, Mapping[str, Any]], names: Sequence[str],
