@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 PIP     = $(BIN)/pip install -q -c constraints.txt
 STAMP   = $(VENV)/.stamp
 
-.PHONY: demo demo-headless test test-fast bench install clean
+.PHONY: demo demo-headless test test-fast lint bench install clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,7 @@ $(STAMP): $(VENV)/bin/python pyproject.toml constraints.txt
 	$(PIP) --upgrade pip >/dev/null
 	$(PIP) "torch==2.13.0"
 	$(PIP) -e ".[all]"
+	$(BIN)/python -m tangentscope.optim._build --build || echo "tangentscope: fused kernel not built (no C++ compiler?); GatedAdamW uses its eager kernels"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,8 +27,13 @@ demo: $(STAMP)
 demo-headless: $(STAMP)
 	$(BIN)/tangentscope demo --headless
 
-test: $(STAMP)
+# lint + types + the tests (what CI runs)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not browser and not slow" -x

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from tangentscope.app import make_server
+from tangentscope.app.model import DemoConfig, DemoTrainer
 from tangentscope.app.session import Session
-from tangentscope.demo import DemoConfig, DemoTrainer
 
 TARGET = 10.0  # updates per second the issue asks for
 CONFIG = DemoConfig(n=64, width=256, depth=2, steps_per_update=10, max_steps=10**6)

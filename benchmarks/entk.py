@@ -30,14 +30,19 @@ import torch
 from torch import nn
 
 import tangentscope as ts
-from tangentscope._utils import parse_bytes
+from tangentscope.kernels import estimate_memory, select_implementation
 from tangentscope.models import mlp
-from tangentscope.kernels.entk import _structured_supports
-from tangentscope.kernels.functional import functionalize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (MEMORY_METHOD, RESULTS, machine, run_worker, time_calls,  # noqa: E402
-                     worker_reply, write_results)
+from _common import (
+    MEMORY_METHOD,
+    RESULTS,
+    machine,
+    run_worker,
+    time_calls,
+    worker_reply,
+    write_results,
+)
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -63,6 +68,13 @@ class CNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.c2(torch.relu(self.c1(x))))
         return self.fc(h.flatten(1))
+
+
+def parse_bytes(text: str) -> int:
+    """``'8G'`` / ``'512M'`` / a number of bytes."""
+    s = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    return int(float(s[:-1]) * mult[s[-1]]) if s and s[-1] in mult else int(float(s))
 
 
 def build(model: str, n: int, p: int) -> tuple[nn.Module, torch.Tensor]:
@@ -95,8 +107,9 @@ def torch_worker(payload: dict) -> dict:
 
     result = time_calls(call, repeats=payload["repeats"])
     if payload["impl"] == "default":
-        chosen = _structured_supports(functionalize(model), x)
-        result["implementation_chosen"] = "structured" if chosen else "jacobian"
+        choice = select_implementation(model, x, memory_budget=payload["budget"])
+        result["implementation_chosen"] = choice.implementation
+        result["implementation_reason"] = choice.reason
     if payload.get("save_kernel"):
         np.save(payload["save_kernel"], call().numpy())
     return result
@@ -198,7 +211,8 @@ def main() -> None:
                 key = _key(impl)
                 pred = _predicted(done, model_name, n, p, key)
                 if impl in NT_IMPLS:
-                    est = ts.estimate_memory(model, x, implementation=NT_EQUIV[impl])["total"]
+                    est = estimate_memory(model, x, implementation=NT_EQUIV[impl],
+                                          chunk_size=n)["total"]  # unchunked, as NT runs
                     if est > budget:
                         case["results"][key] = {
                             "skipped": f"estimated {est / 2**30:.1f} GiB (tangentscope."

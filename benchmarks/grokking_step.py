@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_results  # noqa: E402
-
+from _common import machine, write_results
 from tangentscope.experiments import grokking as G
+from tangentscope.experiments._grokking_setup import build_cell_optimizer
 from tangentscope.models.embedding_mlp import EmbeddingMLP
 from tangentscope.models.transformer import TinyTransformer
 
@@ -40,16 +40,16 @@ def _setup(setting_name: str, optimizer: str):
         model = TinyTransformer(task.vocab, task.n_classes, d_model=st.d_model,
                                 n_heads=st.n_heads, n_layers=st.n_layers, d_mlp=4 * st.d_model,
                                 max_len=task.x.shape[1])
-    trainer = G.make_trainer(G.parse_optimizer(optimizer), model, st)
+    built = build_cell_optimizer(optimizer, model, st, st.batch_size)
     g = torch.Generator().manual_seed(0)
     train = task.train_idx[0]
 
     def step() -> None:
         idx = train[torch.randint(len(train), (st.batch_size,), generator=g)]
         loss = torch.nn.functional.cross_entropy(model(task.x[idx]), task.y[idx])
-        trainer.optimizer.zero_grad(set_to_none=True)
+        built.zero_grad(set_to_none=True)
         loss.backward()
-        trainer.step(len(idx))
+        built.step()
 
     return step
 

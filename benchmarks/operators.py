@@ -40,8 +40,7 @@ from tangentscope.dynamics import KernelTrajectory, accumulate_operators
 from tangentscope.models import mlp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (MEMORY_METHOD, PeakRSS, machine, run_worker, worker_reply,  # noqa: E402
-                     write_results)
+from _common import MEMORY_METHOD, PeakRSS, machine, run_worker, worker_reply, write_results
 
 F64 = torch.float64
 
@@ -82,12 +81,14 @@ def time_operators(N: int, m: int, intervals: int, scheme: str, max_seconds: flo
     traj = synthetic_trajectory(N, m, intervals + 1)
     done, t0, c0 = 0, time.perf_counter(), time.process_time()
     with PeakRSS() as mem:
-        for ops in accumulate_operators(traj, discretization=scheme):
+        last = None
+        for last in accumulate_operators(traj, discretization=scheme):  # noqa: B007
             done += 1
             if time.perf_counter() - t0 > max_seconds and done < intervals:
                 break
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    assert torch.isfinite(ops.W).all() and torch.isfinite(ops.G).all()
+    assert last is not None and last.G is not None
+    assert torch.isfinite(last.W).all() and torch.isfinite(last.G).all()
     return {"scheme": scheme, "intervals_measured": done,
             "seconds_per_interval": seconds / done, "seconds": seconds / done * intervals,
             "cpu_seconds": cpu / done * intervals,

@@ -7,8 +7,15 @@ Writes ``benchmarks/results/optim.json``. One thread; every number is a ratio ag
 baseline timed *in the same run*, interleaved (A B A B …) so that load changes hit both; each
 timing is the median over rounds of the median of ``reps`` calls. Sections:
 
-* ``step``: ``optimizer.step()`` alone vs ``torch.optim.AdamW(foreach=True)`` (target for the
-  streaming gate: ≤ 1.2×), on an MLP 784→1024→1024→10 and a 2-layer transformer;
+* ``step``: ``optimizer.step()`` alone vs ``torch.optim.AdamW(fused=True)`` (the primary
+  baseline, ``ratio_vs_adamw_fused``; targets: gated ≤ 1.3×, gate off ≤ 1.05×) and
+  ``AdamW(foreach=True)``, on an MLP 784→1024→1024→10, a 2-layer transformer and a GPT-2-style
+  51 M-parameter model built from a config; ``kernels`` names the step kernel each gated
+  configuration ran (``GatedAdamW.kernels``);
+* ``train_step``: forward + backward + step, the gate's overhead over torch's fused AdamW
+  (target ≤ 3 %);
+* ``build``: the fused kernel's cold build and a warm-cache process's first step (target: no
+  per-process compile over 5 s);
 * ``statistics``: forward + backward + statistics vs plain forward + backward for each exact
   source (closed-form hooks, ``vmap``), per model and batch size (targets: hooks ≤ 1.5× MLP,
   ≤ 2.5× transformer);
@@ -28,17 +35,22 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, write_results  # noqa: E402
-
-from tangentscope.models import TinyTransformer, mlp  # noqa: E402
-from tangentscope.optim import (GatedAdamW, GatedOptimizer, PerExampleStats,  # noqa: E402
-                                PopulationRiskEstimator, VmapStats)
+from _common import RESULTS, machine, write_results
+from tangentscope.models import TinyTransformer, mlp
+from tangentscope.optim import (
+    GatedAdamW,
+    GatedOptimizer,
+    PerExampleStats,
+    PopulationRiskEstimator,
+    VmapStats,
+)
 
 
 def _interleaved(fns: dict[str, Callable[[], object]], reps: int, rounds: int
@@ -79,33 +91,181 @@ def _models() -> dict[str, tuple[nn.Module, Callable[[int], tuple[torch.Tensor, 
     return {"mlp_784_1024_1024_10": (net, mlp_batch), "transformer_2l_d128_L8": (tf, tf_batch)}
 
 
+def _gpt2(quick: bool) -> tuple[nn.Module, Callable[[int], tuple[torch.Tensor, torch.Tensor]]]:
+    """A GPT-2-style model built from a config (nothing downloaded): 8 layers, d 512, the GPT-2
+    vocabulary (51 M parameters; ``quick``: 2 layers, d 128, 6.9 M)."""
+    import transformers  # optional: only for this model
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    d, layers = (128, 2) if quick else (512, 8)
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=256, n_embd=d, n_layer=layers,
+                                  n_head=8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    net = transformers.GPT2LMHeadModel(cfg)
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.net(ids).logits[:, -1]
+
+    def batch(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randint(0, 50257, (max(1, b // 16), 64)), torch.randint(0, 50257,
+                                                                            (max(1, b // 16),))
+
+    return LM(), batch
+
+
+#: the step configurations timed on every model (a ``GatedAdamW`` or ``torch.optim`` maker)
+STEP_MAKERS: dict[str, Callable[[Any], Any]] = {
+    "torch_adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+    "torch_adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+    "gated_off": lambda ps: GatedAdamW(ps, lr=1e-4, gate=False),
+    "gated_off_fused": lambda ps: GatedAdamW(ps, lr=1e-4, gate=False, fused=True),
+    "gated_off_eager": lambda ps: GatedAdamW(ps, lr=1e-4, gate=False, fused=False),
+    "gated_streaming_hard_update": lambda ps: GatedAdamW(ps, lr=1e-4),
+    "gated_streaming_hard_update_fused": lambda ps: GatedAdamW(ps, lr=1e-4, fused=True),
+    "gated_streaming_hard_update_fused_noguard": lambda ps: GatedAdamW(
+        ps, lr=1e-4, fused=True, nonfinite="ignore"),
+    "gated_streaming_hard_update_eager": lambda ps: GatedAdamW(ps, lr=1e-4, fused=False),
+    "gated_streaming_hard_update_foreach": lambda ps: GatedAdamW(ps, lr=1e-4, fused=False,
+                                                                 foreach=True),
+    "gated_streaming_soft_update": lambda ps: GatedAdamW(ps, lr=1e-4, gate="soft"),
+    "gated_streaming_soft_update_fused": lambda ps: GatedAdamW(ps, lr=1e-4, gate="soft",
+                                                               fused=True),
+    "gated_streaming_hard_grad": lambda ps: GatedAdamW(ps, lr=1e-4, gate_on="grad"),
+    "gated_streaming_hard_moments": lambda ps: GatedAdamW(ps, lr=1e-4, gate_on="moments"),
+    "wrapper_adam_streaming": lambda ps: GatedOptimizer(torch.optim.Adam(ps, lr=1e-4,
+                                                                         foreach=True)),
+}
+#: the subset timed on the large model (each keeps its own state: memory)
+LARGE_MAKERS = ("torch_adamw_fused", "torch_adamw_foreach", "gated_off", "gated_off_fused",
+                "gated_streaming_hard_update", "gated_streaming_hard_update_fused",
+                "gated_streaming_hard_update_eager")
+
+
+def _step_section(model: nn.Module, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                  makers: dict[str, Callable[[Any], Any]], reps: int, rounds: int,
+                  share: bool) -> dict[str, Any]:
+    """Time ``step()`` of every maker, interleaved; ``share``: one model (its gradients) for
+    all optimizers (a large model: only the optimizer states are per maker)."""
+    x, y = batch(64)
+    fns: dict[str, Callable[[], object]] = {}
+    kernels: dict[str, list[str]] = {}
+    shared = model
+    if share:
+        F.cross_entropy(shared(x), y).backward()
+    for k, make in makers.items():
+        m = shared if share else copy.deepcopy(model)
+        if not share:
+            F.cross_entropy(m(x), y).backward()
+        opt = make(m.parameters())
+        fns[k] = opt.step
+        if hasattr(opt, "register_step_observer"):
+            opt.register_step_observer(
+                lambda o, info, k=k, seen=kernels: seen.__setitem__(
+                    k, sorted({g.kernel for g in info.groups})))
+    t = _interleaved(fns, reps, rounds)
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "tensors": len(list(model.parameters())), "seconds": t,
+            "ratio_vs_adamw_fused": _ratios(t, "torch_adamw_fused"),
+            "ratio_vs_adamw_foreach": _ratios(t, "torch_adamw_foreach"), "kernels": kernels}
+
+
 def bench_step(quick: bool) -> dict:
+    """``optimizer.step()`` alone; primary baseline ``torch.optim.AdamW(fused=True)``."""
     out = {}
     reps, rounds = (5, 3) if quick else (15, 9)
     for name, (model, batch) in _models().items():
+        out[name] = _step_section(model, batch, STEP_MAKERS, reps, rounds, share=False)
+    model, batch = _gpt2(quick)
+    name = "gpt2_8l_d512_51M" if not quick else "gpt2_2l_d128"
+    out[name] = _step_section(model, batch, {k: STEP_MAKERS[k] for k in LARGE_MAKERS},
+                              3 if quick else 5, 3 if quick else 7, share=True)
+    return out
+
+
+def bench_train_step(quick: bool) -> dict:
+    """The whole training step (forward + backward + step) with torch's fused AdamW, the
+    default gated step and ``fused=True``: the gate's overhead (target ≤ 3 %)."""
+    out = {}
+    models = dict(_models())
+    models["gpt2_8l_d512_51M" if not quick else "gpt2_2l_d128"] = _gpt2(quick)
+    makers = {k: STEP_MAKERS[k] for k in ("torch_adamw_fused", "gated_streaming_hard_update",
+                                          "gated_streaming_hard_update_fused", "gated_off")}
+    for name, (model, batch) in models.items():
+        big = name.startswith("gpt2")
         x, y = batch(64)
-        makers = {
-            "torch_adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
-            "torch_adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
-            "gated_off": lambda ps: GatedAdamW(ps, lr=1e-4, gate=False),
-            "gated_streaming_hard_update": lambda ps: GatedAdamW(ps, lr=1e-4),
-            "gated_streaming_hard_update_fused": lambda ps: GatedAdamW(ps, lr=1e-4, fused=True),
-            "gated_streaming_soft_update": lambda ps: GatedAdamW(ps, lr=1e-4, gate="soft"),
-            "gated_streaming_hard_grad": lambda ps: GatedAdamW(ps, lr=1e-4, gate_on="grad"),
-            "gated_streaming_hard_moments": lambda ps: GatedAdamW(ps, lr=1e-4,
-                                                                  gate_on="moments"),
-            "wrapper_adam_streaming": lambda ps: GatedOptimizer(torch.optim.Adam(ps, lr=1e-4,
-                                                                                 foreach=True)),
-        }
-        fns = {}
+        fns: dict[str, Callable[[], object]] = {}
         for k, make in makers.items():
             m = copy.deepcopy(model)
-            F.cross_entropy(m(x), y).backward()
             opt = make(m.parameters())
-            fns[k] = opt.step
+
+            def train(m=m, opt=opt, x=x, y=y):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(m(x), y).backward()
+                opt.step()
+
+            fns[k] = train
+        reps, rounds = ((2, 2) if quick else (3, 7)) if big else ((3, 3) if quick else (7, 9))
         t = _interleaved(fns, reps, rounds)
-        out[name] = {"params": sum(p.numel() for p in model.parameters()), "seconds": t,
-                     "ratio_vs_adamw_foreach": _ratios(t, "torch_adamw_foreach")}
+        out[name] = {"seconds": t, "ratio_vs_adamw_fused": _ratios(t, "torch_adamw_fused")}
+        del fns
+    return out
+
+
+_FIRST_STEP = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+from tangentscope.optim import GatedAdamW
+from tangentscope.models import TinyTransformer
+torch.set_num_threads(1)
+t1 = time.perf_counter()
+m = TinyTransformer(64, 64, d_model=128, n_heads=4, n_layers=2, d_mlp=512, max_len=8)
+opt = GatedAdamW(m.parameters(), lr=1e-3, fused=True)
+for p in m.parameters():
+    p.grad = torch.randn_like(p)
+kernels = []
+opt.register_step_observer(lambda o, i: kernels.append(i.groups[0].kernel))
+t2 = time.perf_counter()
+opt.step()
+t3 = time.perf_counter()
+opt.step()
+t4 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "first_step_s": t3 - t2, "second_step_s": t4 - t3,
+                  "kernel": kernels[0]}))
+"""
+
+
+def bench_build(quick: bool) -> dict:
+    """Compile/build time per process: the C++ extension's cold build (an empty cache), then
+    new processes with the cache warm (first ``fused=True`` step = load + step)."""
+    import os
+    import subprocess
+    import tempfile
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TANGENTSCOPE_CACHE": cache}
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-m", "tangentscope.optim._build", "--build"],
+                             env=env, capture_output=True, text=True, check=False)
+        out["cold_build_s"] = time.perf_counter() - t0
+        out["cold_build_ok"] = res.returncode == 0
+        runs = []
+        for _ in range(2 if quick else 5):
+            r = subprocess.run([sys.executable, "-c", _FIRST_STEP], env=env,
+                               capture_output=True, text=True, check=True)
+            runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        out["warm_processes"] = runs
+        out["warm_first_step_s_median"] = statistics.median(r["first_step_s"] for r in runs)
+        out["warm_second_step_s_median"] = statistics.median(r["second_step_s"] for r in runs)
+    out["meaning"] = ("cold: compiling the extension into an empty cache (once per machine); "
+                      "warm: a new process's first fused step (loading the cached library "
+                      "included) vs its second")
     return out
 
 
@@ -120,22 +280,22 @@ def bench_statistics(quick: bool) -> dict:
             plain, hooked = copy.deepcopy(model), copy.deepcopy(model)
             stats = PerExampleStats(hooked)
 
-            def fb_plain():
+            def fb_plain(plain=plain, x=x, y=y):
                 plain.zero_grad(set_to_none=True)
                 F.cross_entropy(plain(x), y).backward()
 
-            def fb_hooks():
+            def fb_hooks(hooked=hooked, stats=stats, x=x, y=y):
                 hooked.zero_grad(set_to_none=True)
                 F.cross_entropy(hooked(x), y).backward()
                 stats.collect()
                 stats.reset()
 
-            fns = {"plain": fb_plain, "hooks": fb_hooks}
+            fns: dict[str, Callable[[], object]] = {"plain": fb_plain, "hooks": fb_hooks}
             if name.startswith("mlp") and b <= 128:       # storing every per-example gradient
                 vm = copy.deepcopy(model)
                 vs = VmapStats(vm, F.cross_entropy, chunk_size=None)
 
-                def fb_vmap():
+                def fb_vmap(vm=vm, vs=vs, x=x, y=y):
                     vm.zero_grad(set_to_none=True)
                     vs.backward(x, y)
                     vs.reset()
@@ -150,11 +310,11 @@ def bench_statistics(quick: bool) -> dict:
                 plain, hooked = copy.deepcopy(model).to(dt), copy.deepcopy(model).to(dt)
                 stats = PerExampleStats(hooked)
 
-                def p_fb(m=plain):
+                def p_fb(m=plain, x=x, y=y):
                     m.zero_grad(set_to_none=True)
                     F.cross_entropy(m(x).float(), y).backward()
 
-                def h_fb(m=hooked, s=stats):
+                def h_fb(m=hooked, s=stats, x=x, y=y):
                     m.zero_grad(set_to_none=True)
                     F.cross_entropy(m(x).float(), y).backward()
                     s.collect()
@@ -207,9 +367,9 @@ def bench_estimator_residual(quick: bool) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_estimator import _loo_brute_force
 
-    out = {}
+    out: dict[str, Any] = {}
     for gate in (False, "hard"):
-        rows = {}
+        rows: dict[str, dict[str, float]] = {}
         for warm in ((5, 50) if quick else (5, 50, 300)):
             rows[f"warm{warm}"] = {}
             for b in ((12, 24) if quick else (12, 24, 48)):
@@ -227,17 +387,16 @@ def bench_estimator_late(quick: bool) -> dict:
     brute-force leave-one-out vs the *true* first-order population change, i.e. the gradient of
     the loss on 2,000 fresh noisy points dotted with the actual step."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tangentscope.experiments.poprisk_estimate import Config, epoch_batches, make_task
     from test_optim_helpers import brute_per_example
 
-    from tangentscope.experiments.poprisk_estimate import Config, _batches, _make_task
-
     cfg = Config()
-    task = _make_task(cfg, "regression", 0)
+    task = make_task(cfg, "regression", 0)
     model = task.model.double()
     x, y, xt, yt = (t.double() for t in (task.x, task.y, task.x_test, task.y_test))
     stats = PerExampleStats(model)
     opt = GatedAdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, gate=False, stats=stats)
-    bat = _batches(x.shape[0], cfg.batch_size, torch.Generator().manual_seed(0))
+    bat = epoch_batches(x.shape[0], cfg.batch_size, torch.Generator().manual_seed(0))
     warm = 200 if quick else 2000
     for _ in range(warm):
         idx = next(bat)
@@ -245,7 +404,7 @@ def bench_estimator_late(quick: bool) -> dict:
         task.loss(model(x[idx]), y[idx]).backward()
         opt.step()
     names = [n for n, _ in model.named_parameters()]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for _ in range(1 if quick else 3):
         idx = next(bat)
         xb, yb, b = x[idx], y[idx], len(idx)
@@ -267,8 +426,8 @@ def bench_estimator_late(quick: bool) -> dict:
                 brute += float((G[n][i] * (cq.detach() - w0)).sum()) / b
         m2 = copy.deepcopy(model)
         task.loss(m2(xt), yt).backward()
-        gpop = {n: p.grad.clone() for n, p in m2.named_parameters()}
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        gpop = {n: p.grad.clone() for n, p in m2.named_parameters() if p.grad is not None}
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
         est = PopulationRiskEstimator(opt)
         opt.step(moments=full)
         c = est.curve()
@@ -278,7 +437,7 @@ def bench_estimator_late(quick: bool) -> dict:
             "estimate": float(c.estimate[1] - c.estimate[0]),
             "brute_force_loo": brute,
             "uncorrected": float(c.train_first_order[1] - c.train_first_order[0]),
-            "true_population_first_order": sum(float((gpop[n] * (p.detach() - before[n])).sum())
+            "true_population_first_order": sum(float((gpop[n] * (p.detach() - start[n])).sum())
                                                for n, p in model.named_parameters())})
     return {"rows": rows, "meaning": "per-step first-order changes of the population loss"}
 
@@ -289,7 +448,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated sections")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    sections = {"step": bench_step, "statistics": bench_statistics,
+    sections = {"step": bench_step, "train_step": bench_train_step, "build": bench_build,
+                "statistics": bench_statistics,
                 "agreement": bench_agreement, "estimator_residual": bench_estimator_residual,
                 "estimator_late": bench_estimator_late}
     chosen = args.only.split(",") if args.only else list(sections)

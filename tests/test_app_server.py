@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tangentscope.app import make_server
+from tangentscope.app.model import DemoConfig
 from tangentscope.app.session import Session
-from tangentscope.demo import DemoConfig
 from test_demo import _one_torch_thread  # noqa: F401 - autouse: one torch thread, as `app` runs
 
 SMALL = {"n": 16, "width": 32, "depth": 2, "steps_per_update": 5, "max_steps": 100000}
@@ -84,7 +84,7 @@ def session_threads():
 
 
 def test_page_and_assets_are_served_locally(server):
-    status, html, ctype = request(server, "GET", "/")
+    status, _html, ctype = request(server, "GET", "/")
     assert status == 200 and ctype.startswith("text/html")
     for name, kind in (("app.js", "javascript"), ("style.css", "css")):
         status, body, ctype = request(server, "GET", f"/static/{name}")

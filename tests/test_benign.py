@@ -10,10 +10,14 @@ import torch
 
 from tangentscope import ConfigError
 from tangentscope.dynamics import KernelRecorder, KernelTrajectory, every
-from tangentscope.dynamics.phenomena import (dissipated_fraction, make_optimizer,
-                                             min_norm_noise_transfer, noise_channel_analysis,
-                                             train_network)
+from tangentscope.dynamics.label_noise import (
+    dissipated_fraction,
+    min_norm_noise_transfer,
+    noise_channel_analysis,
+)
 from tangentscope.experiments import run_experiment
+from tangentscope.experiments._harness import train_network
+from tangentscope.optim.spec import build_optimizer
 
 
 def _problem(n=12, m=9, d=20, seed=0):
@@ -31,7 +35,7 @@ def _linear_run(x, xt, y, steps, lr, every_k, seed=1):
     torch.manual_seed(seed)
     net = torch.nn.Linear(x.shape[1], 1).double()
     init = {k: v.clone() for k, v in net.state_dict().items()}
-    opt = make_optimizer("gd", net, lr)
+    opt = build_optimizer("sgd", net, lr=lr).optimizer
     rec = KernelRecorder(net, x, y, loss="squared", x_test=xt, optimizer=opt,
                          schedule=every(every_k), verbose=False)
     train_network(net, x, y, (y[:, 0] > 0).long(), opt, steps)
@@ -51,7 +55,7 @@ def test_noise_displacement_equals_the_clean_twin_on_a_linear_model(every_k):
     rep = noise_channel_analysis(traj, yc, yt, (yt[:, 0] > 0).long(), discretization="gd",
                                  timeline=3)
     net.load_state_dict(init)
-    opt = make_optimizer("gd", net, lr)
+    opt = build_optimizer("sgd", net, lr=lr).optimizer
     train_network(net, x, yc, (yc[:, 0] > 0).long(), opt, steps)
     with torch.no_grad():
         actual = (uq_noisy - net(xt)).numpy()
@@ -96,7 +100,7 @@ def test_exp_discretization_recovers_the_frozen_kernel_closed_form():
     u0 = torch.zeros(n, 1, dtype=torch.float64)
     B = torch.eye(1, dtype=torch.float64).expand(n, 1, 1) / n
     lam, V = torch.linalg.eigh(K)
-    r = lambda t: V @ torch.diag(torch.exp(-lam * t / n)) @ V.T @ (u0 - y)  # noqa: E731
+    r = lambda t: V @ torch.diag(torch.exp(-lam * t / n)) @ V.T @ (u0 - y)
     uT = y + r(T)
     phi = V @ torch.diag((1 - torch.exp(-lam * T / n)) / lam) @ V.T
     UQT = -(KQ @ phi @ (u0 - y))

@@ -9,11 +9,15 @@ import pytest
 import torch
 
 from tangentscope import ConfigError, ShapeError
-from tangentscope.data.burgers import (BURGERS_NU, burgers_exact, burgers_reference,
-                                       burgers_residual, noisy_burgers_observations,
-                                       sample_collocation)
-from tangentscope.experiments.inr import torch_threads
-
+from tangentscope.data.burgers import (
+    BURGERS_NU,
+    burgers_exact,
+    burgers_reference,
+    burgers_residual,
+    noisy_burgers_observations,
+    sample_collocation,
+)
+from tangentscope.experiments._harness import torch_threads
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,10 +10,19 @@ import pytest
 import torch
 
 import tangentscope as ts
-from tangentscope.dynamics import (KernelTrajectory, channel_timeline, kernel_alignment,
-                                   kernel_rotation, kernel_spectra, label_noise_gradients,
-                                   mode_visibility, noise_transfer, spectral_schedule,
-                                   split_channels, window_operators)
+from tangentscope.dynamics import (
+    KernelTrajectory,
+    channel_timeline,
+    kernel_alignment,
+    kernel_rotation,
+    kernel_spectra,
+    label_noise_gradients,
+    mode_visibility,
+    noise_transfer,
+    spectral_schedule,
+    split_channels,
+    window_operators,
+)
 from tangentscope.errors import ConfigError, ShapeError
 
 F64 = torch.float64
@@ -92,7 +101,7 @@ def _linear_flow(times, n=8, d=12, m=5, seed=0):
     u0 = torch.zeros(n, 1, dtype=F64)
     sol = ts.squared_loss_flow(K, u0, y, t=torch.tensor(times, dtype=F64), K_QS=KQ,
                                U_Q0=torch.zeros(m, 1, dtype=F64))
-    L = ts.SquaredLoss()
+    L = ts.losses.SquaredLoss()
     S = len(times)
     traj = KernelTrajectory.from_arrays(
         times, [K] * S, list(sol.u), [L.grad(u, y) for u in sol.u],
@@ -103,7 +112,7 @@ def _linear_flow(times, n=8, d=12, m=5, seed=0):
 
 def test_spectral_schedule_matches_the_frozen_kernel_prediction():
     times = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 400)])
-    traj, K, y, sol = _linear_flow(times)
+    traj, K, _y, _sol = _linear_flow(times)
     sch = spectral_schedule(traj, fraction=0.1)
     n = 8
     lam = torch.linalg.eigvalsh(K).flip(0).numpy()
@@ -120,7 +129,7 @@ def test_spectral_schedule_matches_the_frozen_kernel_prediction():
 def test_kernel_spectra_residual_energy_and_timeline_on_a_linear_flow():
     traj, K, y, sol = _linear_flow([0.0, 0.5, 2.0, 8.0])
     spec = kernel_spectra(traj)
-    lam, V = torch.linalg.eigh(K)
+    lam, _V = torch.linalg.eigh(K)
     np.testing.assert_allclose(spec.eigenvalues[2], lam.flip(0).numpy(), rtol=1e-12)
     np.testing.assert_allclose(spec.residual_energy[0], sol.modes[0].numpy() ** 2, rtol=1e-10,
                                atol=1e-12)
@@ -161,7 +170,7 @@ def test_kernel_alignment_and_rotation_by_construction():
 
 
 def test_label_noise_gradients_split_g_exactly():
-    traj, K, y, sol = _linear_flow([0.0, 1.0])
+    traj, _K, y, _sol = _linear_flow([0.0, 1.0])
     eps = torch.linspace(-1, 1, 8, dtype=F64)[:, None]
     y_clean = y - eps
     g_clean, g_noise = label_noise_gradients(traj, y_clean)

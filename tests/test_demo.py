@@ -13,12 +13,20 @@ import pytest
 import torch
 from torch import nn
 
-import tangentscope.demo as demo
+import tangentscope.app.model as demo
 from tangentscope import ConfigError, NonFiniteError
+from tangentscope.app.headless import run_headless
+from tangentscope.app.model import (
+    ControlError,
+    DemoConfig,
+    DemoTrainer,
+    available_optimizers,
+    channel_threshold,
+    flow_time_increment,
+    reservoir_share,
+    validate_config,
+)
 from tangentscope.cli import main
-from tangentscope.demo import (ControlError, DemoConfig, DemoTrainer, available_optimizers,
-                               channel_threshold, flow_time_increment, reservoir_share,
-                               run_headless, validate_config)
 from zoo import brute_force_entk
 
 SMALL = dict(n=12, width=16, depth=2, max_steps=40, steps_per_update=10)
@@ -208,7 +216,7 @@ def test_cli_demo_headless_runs_the_default_recipe(tmp_path, monkeypatch, capsys
 
 
 def test_gated_adamw_trains_when_available(tmp_path):
-    if "gated_adamw" not in available_optimizers():
+    if "gated-streaming" not in available_optimizers():
         pytest.skip("tangentscope.optim.GatedAdamW is not available in this checkout")
-    s = run_headless(tmp_path / "g", show_progress=False, optimizer="gated_adamw", **SMALL)
+    s = run_headless(tmp_path / "g", show_progress=False, optimizer="gated-streaming", **SMALL)
     assert s["final_train_loss"] < s["initial_train_loss"]

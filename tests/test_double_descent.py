@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from tangentscope import ConfigError, entk
-from tangentscope.dynamics.phenomena import (classification_error, make_optimizer,
-                                             random_features, train_network)
+from tangentscope.dynamics.label_noise import classification_error
 from tangentscope.experiments import run_experiment
+from tangentscope.experiments._harness import optimizer_spec, train_network
 from tangentscope.experiments.double_descent import Config, _landmarks, summarize
+from tangentscope.models import random_features
+from tangentscope.optim.spec import build_optimizer
 
 
 def test_random_features_kernel_is_the_feature_gram():
@@ -37,7 +39,7 @@ def test_gd_on_random_features_converges_to_the_min_norm_fit(width):
     net = random_features(20, width, 1, seed=2, dtype=torch.float64)
     phi = (net[1](net[0](x)) / width ** 0.5).detach()
     lam_max = float(torch.linalg.eigvalsh(phi @ phi.T)[-1])
-    opt = make_optimizer("gd", net, 10 / lam_max)
+    opt = build_optimizer("sgd", net, lr=10 / lam_max).optimizer
     train_network(net, x, y, (y[:, 0] > 0).long(), opt, 3000)
     w_ref = torch.linalg.pinv(phi) @ y
     assert torch.allclose(net[3].weight.detach().T, w_ref, atol=1e-6)
@@ -51,8 +53,8 @@ def test_one_training_step_is_the_hand_written_gd_step(batch_size):
     x = torch.randn(10, 3, dtype=torch.float64)
     y = torch.randn(10, 2, dtype=torch.float64)
     W0, b0 = net.weight.detach().clone(), net.bias.detach().clone()
-    train_network(net, x, y, torch.zeros(10, dtype=torch.int64), make_optimizer("gd", net, 0.1),
-                  1, batch_size=batch_size, seed=5)
+    train_network(net, x, y, torch.zeros(10, dtype=torch.int64),
+                  build_optimizer("sgd", net, lr=0.1), 1, batch_size=batch_size, seed=5)
     if batch_size is None:
         idx = torch.arange(10)
     else:
@@ -66,12 +68,13 @@ def test_optimizers_and_errors():
     net = torch.nn.Linear(3, 1)
     from tangentscope.optim import GatedAdamW
 
-    assert isinstance(make_optimizer("gated", net, 1e-3), GatedAdamW)
-    assert isinstance(make_optimizer("adam", net, 1e-3), torch.optim.Adam)
+    assert isinstance(build_optimizer(optimizer_spec("gated"), net, lr=1e-3).optimizer, GatedAdamW)
+    assert isinstance(build_optimizer(optimizer_spec("adam"), net, lr=1e-3).optimizer,
+                      torch.optim.Adam)
     with pytest.raises(ConfigError, match="one of"):
-        make_optimizer("lbfgs", net, 1e-3)
-    with pytest.raises(ConfigError, match="positive"):
-        make_optimizer("gd", net, 0.0)
+        optimizer_spec("lbfgs")
+    with pytest.raises(ConfigError, match="finite number > 0"):
+        build_optimizer(optimizer_spec("gd"), net, lr=0.0)
     assert classification_error(torch.tensor([[1.0], [-2.0]]), torch.tensor([1, 1])) == 0.5
     assert classification_error(torch.tensor([[0.1, 0.9], [2.0, 1.0]]),
                                 torch.tensor([1, 0])) == 0.0

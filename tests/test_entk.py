@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 import tangentscope as ts
-from tangentscope.kernels.entk import IMPLEMENTATIONS
-from zoo import MODELS, brute_force_entk, inputs_for, kind, make_mlp
+from tangentscope.kernels import IMPLEMENTATIONS, Implementation
+from zoo import MODELS, brute_force_entk, inputs_for, kind, make_bn, make_mlp
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 GENERIC = [i for i in IMPLEMENTATIONS if i != "structured"]
@@ -194,3 +196,188 @@ def test_non_finite_kernel_is_an_error():
         model[0].weight[0, 0] = float("nan")
     with pytest.raises(ts.NonFiniteError):
         ts.entk(model, inputs_for("vec", 3), implementation="jacobian")
+
+
+# -- which backend, and the same path for the estimate -------------------------------------------
+def test_select_implementation_says_which_and_why():
+    model = make_mlp(2)
+    x = inputs_for("vec", 6)
+    ch = ts.kernels.select_implementation(model, x)
+    assert ch.implementation == "structured" and ch.requested == "auto"
+    assert ch.coverage == 1.0 and dict(ch.generic) == {} and "100.0%" in ch.reason
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ch.implementation = "jacobian"
+    assert ts.kernels.select_implementation(model, x, implementation="ntvp").implementation \
+        == "ntvp"
+    assert ts.kernels.select_implementation(model, x, implementation=Implementation.LOOP
+                                            ).implementation == "loop"
+
+    class Custom(nn.Module):  # 90 of 121 scalars in a parameter no layer rule covers
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(30, 3))
+            self.out = nn.Linear(30, 1)
+
+        def forward(self, x):
+            return self.out(torch.tanh(x @ self.W.T))
+
+    ch = ts.kernels.select_implementation(Custom().double(), x)
+    assert ch.implementation == "jacobian" and "25.6%" in ch.reason
+    assert set(ch.generic) == {"W"} and "does not factor" in ch.generic["W"]
+
+
+def test_estimate_memory_takes_entk_arguments_and_runs_the_same_choice():
+    model = make_mlp(3, width=32)
+    x1, x2 = inputs_for("vec", 64, 1), inputs_for("vec", 16, 2)
+    est = ts.estimate_memory(model, x1, x2, trace_outputs=True, groups="layer",
+                             memory_budget="1G")
+    assert est["implementation"] == "structured" and est["fits"]
+    assert est["output"] == 64 * 16 * 3 * 8 and est["budget"] == 2**30  # 3 groups, float64
+    assert est["total"] == est["output"] + est["working"]
+    est_j = ts.estimate_memory(model, x1, implementation="jacobian")
+    assert est_j["implementation"] == "jacobian"
+    # a budget between one example and the whole set: the chunk entk would use
+    tight = est_j["output"] + est_j["working"] // 5
+    est_t = ts.estimate_memory(model, x1, implementation="jacobian", memory_budget=tight)
+    assert est_t["fits"] and est_t["chunk_size"] < 64 and est_t["total"] <= tight
+    K = ts.entk(model, x1, implementation="jacobian", memory_budget=tight)
+    torch.testing.assert_close(K, brute_force_entk(model, x1), **TOL)
+    est_no = ts.estimate_memory(model, x1, memory_budget=1000)
+    assert not est_no["fits"]
+    with pytest.raises(ts.KernelTooLargeError):
+        ts.entk(model, x1, memory_budget=1000)
+
+
+def test_no_module_global_plan_cache():
+    import tangentscope.kernels.structured as S
+
+    assert not hasattr(S, "_RECENT") and not hasattr(S, "_StalePlan")
+
+
+# -- issue 12: modes, coupled batches, threads, recurrent layers ------------------------------
+def test_modes_are_checked_on_every_submodule():
+    x = inputs_for("vec", 4)
+    drop = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 1)).double().eval()
+    drop[1].train()                                   # a train-mode dropout under an eval model
+    for impl in ("auto", "jacobian", "loop"):
+        with pytest.raises(ts.UnsupportedModelError, match="model.eval") as e:
+            ts.entk(drop, x, implementation=impl)
+        assert "loop" not in str(e.value)
+    frozen = make_bn(2).train()
+    frozen[1].eval()                                  # a frozen BatchNorm in a train-mode model
+    torch.testing.assert_close(ts.entk(frozen, x), brute_force_entk(frozen.eval(), x), **TOL)
+    nostats = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False),
+                            nn.Linear(4, 1)).double().eval()
+    with pytest.raises(ts.UnsupportedModelError, match="track_running_stats"):
+        ts.entk(nostats, x)
+
+
+def test_stochastic_function_model_is_refused_without_suggesting_loop():
+    W = torch.randn(2, 3, dtype=torch.float64)
+
+    def noisy(prm, x):
+        return x @ prm["W"].T + 0.1 * torch.randn(x.shape[0], 2, dtype=x.dtype)
+
+    for impl in ("auto", "jacobian", "ntvp", "loop"):
+        with pytest.raises(ts.UnsupportedModelError, match="random numbers") as e:
+            ts.entk(noisy, inputs_for("vec", 4), params={"W": W}, implementation=impl)
+        assert "implementation='loop'" not in str(e.value)
+
+
+@pytest.mark.parametrize("impl", ["auto", *IMPLEMENTATIONS])
+def test_models_that_mix_examples_are_refused_by_every_implementation(impl):
+    class Centered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            h = torch.tanh(self.l1(x))
+            return self.l2(h - h.mean(0))
+
+    with pytest.raises(ts.UnsupportedModelError, match="couples the examples.*jacrev"):
+        ts.entk(Centered().double(), inputs_for("vec", 5), implementation=impl)
+    with pytest.raises(ts.UnsupportedModelError, match="couples the examples"):
+        ts.EntkOperator(Centered().double(), inputs_for("vec", 5))
+
+
+@pytest.mark.parametrize("impl", ["ntvp", "structured", "jacobian", "loop", "operator"])
+def test_kernel_paths_are_thread_safe(impl):
+    import threading
+
+    model = make_mlp(2)
+    x = inputs_for("vec", 5)
+    v = torch.randn(10, dtype=torch.float64)
+
+    def run():
+        if impl == "operator":
+            return ts.EntkOperator(model, x, chunk_size=2) @ v
+        return ts.entk(model, x, implementation=impl)
+
+    want = run()
+    barrier, got, errors = threading.Barrier(4), [], []
+
+    def worker():
+        barrier.wait()
+        try:
+            for _ in range(3):
+                got.append(run())
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    for k in got:
+        torch.testing.assert_close(k, want, **TOL)
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cls):
+        super().__init__()
+        self.r, self.o = cls(3, 4, batch_first=True), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.o(self.r(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_layers_run_by_loop_and_name_it(cls):
+    model = Recurrent(cls).double().eval()
+    x = torch.randn(3, 5, 3, dtype=torch.float64)
+    ch = ts.kernels.select_implementation(model, x)
+    assert ch.implementation == "loop" and "recurrent" in ch.reason
+    K = ts.entk(model, x)
+    torch.testing.assert_close(K, brute_force_entk(model, x), **TOL)
+    torch.testing.assert_close(ts.entk(model, x, implementation="ntvp"), K, **TOL)
+    for impl in ("jacobian", "structured"):
+        with pytest.raises(ts.UnsupportedModelError, match="implementation='loop'"):
+            ts.entk(model, x, implementation=impl)
+
+
+def test_bad_arguments_are_clear_errors():
+    model = make_mlp(2)
+    x = inputs_for("vec", 4)
+    with pytest.raises(ts.ShapeError, match=r"x\[:, None\]"):
+        ts.entk(model, torch.randn(5, dtype=torch.float64))
+    with pytest.raises(ts.ShapeError, match=r"x\[:, None\]"):
+        ts.entk(nn.Linear(1, 2).double(), torch.randn(5, dtype=torch.float64))
+    with pytest.raises(ts.ConfigError, match="floating-point"):
+        ts.entk(model, x, dtype=torch.int64)
+    with pytest.raises(ts.ConfigError, match="'4G'"):
+        ts.entk(model, x, memory_budget="abc")
+    for bad in (-5, 0, "-1G"):
+        with pytest.raises(ts.ConfigError, match="positive"):
+            ts.entk(model, x, memory_budget=bad)
+    P = sum(q.numel() for q in model.parameters())
+    with pytest.raises(ts.ConfigError, match="D >= 0"):
+        ts.entk(model, x, precondition=-torch.ones(P, dtype=torch.float64))
+    with pytest.raises(ts.ConfigError, match="D >= 0"):
+        ts.EntkOperator(model, x, precondition=torch.full((P,), float("nan"), dtype=torch.float64))
+    with pytest.raises(ts.ConfigError, match="chunk_size"):
+        ts.EntkOperator(model, x, chunk_size=-1)
+    with pytest.raises(ts.ShapeError, match="implementation must be"):
+        ts.estimate_memory(model, x, implementation="abc")

@@ -7,7 +7,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_optim_helpers import brute_per_example, one_thread  # noqa: F401
 from torch import nn
 
 from tangentscope import ConfigError
@@ -21,6 +20,7 @@ from tangentscope.optim import (
     stopping_step,
 )
 from tangentscope.optim.transforms import adam_self_influence, gated_adamw_delta
+from test_optim_helpers import brute_per_example, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -159,7 +159,7 @@ def test_curve_bookkeeping_and_stopping_rule():
     assert np.isfinite(c.measured[1]) and np.isnan(c.measured[2])   # step 2 lacked the after-loss
     assert c.has_noise.all()
     est.detach()
-    assert est.num_steps == 6 and not opt._estimators
+    assert est.num_steps == 6 and not opt._step_observers
     with pytest.raises(ConfigError, match="GatedAdamW"):
         PopulationRiskEstimator(torch.optim.SGD(model.parameters(), lr=0.1))
 

@@ -19,7 +19,7 @@ def test_smoke_preset_runs_resumes_and_replots(tmp_path):
                         overrides={"steps": 20, "eval_every": 5})
     summary = rd.read_summary()
     assert set(summary["tasks"]) == {"regression", "digits", "modular"}
-    for name, res in summary["tasks"].items():
+    for res in summary["tasks"].values():
         (rec,) = res["per_seed"]
         assert rec["oracle_heldout"] <= rec["estimate_stop_heldout"] + 1e-12
         rho = rec["estimate_spearman"]

@@ -10,8 +10,8 @@ import pytest
 
 from tangentscope import RunDir
 from tangentscope.cli import main
-from tangentscope.experiments import plot_run, run_experiment
 from tangentscope.experiments import channels as channels_exp
+from tangentscope.experiments import plot_run, run_experiment
 
 FIGURES = {"fit", "identities", "spectra", "residual_energy", "channel_energy", "rotation",
            "visibility", "schedule"}

@@ -46,7 +46,7 @@ def test_closed_form_matches_real_gradient_descent_of_a_linear_model():
     for k in range(max(steps) + 1):
         if k in steps:
             us[k], uqs[k] = (Phi @ W.T).detach(), (PhiQ @ W.T).detach()
-        loss = ts.SquaredLoss().value(Phi @ W.T, y)
+        loss = ts.losses.SquaredLoss().value(Phi @ W.T, y)
         (gw,) = torch.autograd.grad(loss, W)
         with torch.no_grad():
             W -= lr * gw
@@ -92,7 +92,7 @@ def test_cross_entropy_flow_is_the_limit_of_gradient_descent():
         W = W0.clone()
         for _ in range(int(round(T / lr))):
             u = Phi @ W.T
-            W = W - lr * ts.CrossEntropyLoss().grad(u, y).T @ Phi
+            W = W - lr * ts.losses.SoftmaxCrossEntropy().grad(u, y).T @ Phi
         errs.append(float((Phi @ W.T - ode.u[0]).norm() / ode.u[0].norm()))
     assert errs[0] < 1e-2
     assert errs[1] < errs[0] / 5  # first-order convergence of GD to the flow
@@ -125,7 +125,7 @@ def linearization_error(width: int, seed: int = 0, lr: float = 0.5, steps: int =
     u0, uq0 = f(prm, x), f(prm, xq)
     w = {k: v.clone().requires_grad_(True) for k, v in prm.items()}
     for _ in range(steps):
-        loss = ts.SquaredLoss().value(f(w, x), y)
+        loss = ts.losses.SquaredLoss().value(f(w, x), y)
         grads = torch.autograd.grad(loss, list(w.values()))
         with torch.no_grad():
             for v, gv in zip(w.values(), grads):

@@ -12,6 +12,7 @@ import pytest
 
 from tangentscope import ConfigError, RunDir
 from tangentscope.cli import main
+from tangentscope.errors import RecoveredFileWarning as ts_RecoveredFileWarning
 from tangentscope.experiments import Experiment, compare, make_config, register, run_experiment
 from tangentscope.experiments._framework import parse_overrides
 
@@ -102,7 +103,7 @@ def test_interrupted_run_resumes_without_redoing_work(tmp_path):
     assert rd.status == "interrupted" and len(rd.cells()) == 4
     CALLS.clear()
     run_experiment(None, resume=tmp_path / "c", quiet=True)
-    assert CALLS == [f"step{k}" for k in range(4, 10)]
+    assert [f"step{k}" for k in range(4, 10)] == CALLS
     assert rd.status == "complete"
     assert rd.read_summary()["total"] == pytest.approx(0.1 * sum(range(1, 11)))
 
@@ -112,7 +113,8 @@ def test_compare_table_and_resume(tmp_path):
                  quiet=True)
     rows = {(r["setting"], r["metric"]): r for r in rd.read_summary()["table"]}
     sgd = rows[("optimizer=sgd", "total")]
-    assert sgd["n"] == 3 and sgd["median"] == pytest.approx(0.6 + 3)  # 3 steps, each + seed (median seed 1)
+    # 3 steps, each + seed (median seed 1)
+    assert sgd["n"] == 3 and sgd["median"] == pytest.approx(0.6 + 3)
     assert (rd.path / "table.md").read_text().count("|") > 10
     CALLS.clear()
     compare(None, {}, resume=tmp_path / "cmp", quiet=True)
@@ -166,3 +168,125 @@ def test_seed_stats_drops_none_and_nan_and_matches_numpy():
     assert seed_stats([math.inf, 1.0])["max"] == math.inf      # "never reached" is kept
     empty = seed_stats([None], empty=None)
     assert empty["median"] is None and empty["n"] == 0 and empty["missing"] == 1
+
+
+# -- run/resume semantics and durable run files (issue 12.8 / 12.9) -------------------------------
+@dataclasses.dataclass(frozen=True)
+class StateConfig:
+    seed: int = 0
+    steps: int = 6
+    lr: float = 0.5
+    crash_at: int | None = None
+
+
+def _state_run(cfg: StateConfig, rd: RunDir) -> dict:
+    """One long cell that checkpoints after every logged step (like a training loop)."""
+    if cfg.lr < 0:
+        raise ConfigError("--lr must be >= 0")
+    if "train" not in rd.cells():
+        st = rd.load_state() or {"k": 0, "acc": 0.0}
+        for k in range(st["k"], cfg.steps):
+            acc = st["acc"] + cfg.lr * (k + 1) + cfg.seed
+            rd.log(step=k, acc=acc)
+            if k == cfg.crash_at and not (rd.path / "crashed").exists():
+                (rd.path / "crashed").touch()
+                raise KeyboardInterrupt          # after the row, before its checkpoint
+            st = {"k": k + 1, "acc": acc}
+            rd.save_state(st)
+        rd.save_cell("train", {"acc": st["acc"]})
+    return {"acc": rd.cells()["train"]["acc"]}
+
+
+STATE = register(Experiment("toy-state", StateConfig, _state_run, _toy_plot,
+                            presets={"smoke": {}, "full": {"steps": 8}}))
+
+
+def _rows(rd):
+    return [(r["step"], r["acc"]) for r in rd.read_metrics()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return run_experiment("toy-state", out=tmp_path_factory.mktemp("u") / "r", quiet=True)
+
+
+@pytest.mark.parametrize("damage", ["none", "state", "state+prev"])
+def test_resume_after_a_crash_mid_cell_duplicates_no_row(tmp_path, uninterrupted, damage):
+    out = tmp_path / "r"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment("toy-state", overrides={"crash_at": 3}, out=out, quiet=True)
+    rd = RunDir.open(out)
+    assert len(rd.read_metrics()) == 4                     # row 3 logged, its checkpoint not
+    if damage != "none":
+        (out / "state.pt").write_bytes((out / "state.pt").read_bytes()[:50])
+    if damage == "state+prev":
+        (out / "state.pt.prev").write_bytes(b"")
+    if damage == "none":
+        run_experiment(None, resume=out, quiet=True)
+    else:
+        with pytest.warns(ts_RecoveredFileWarning, match=r"state\.pt(\.prev)? is damaged"):
+            run_experiment(None, resume=out, quiet=True)
+    assert _rows(rd) == _rows(uninterrupted)
+    assert rd.read_summary()["acc"] == uninterrupted.read_summary()["acc"]
+
+
+def test_a_metrics_row_cut_mid_write_is_repaired_on_append(tmp_path):
+    rd = RunDir.create(tmp_path / "r", {"a": 1})
+    rd.log(step=0, loss=1.5)
+    rd.log(step=1, loss=0.5)
+    with (rd.path / "metrics.csv").open("a") as fh:
+        fh.write("2,0.2")                                  # killed mid-row
+    rd = RunDir.open(tmp_path / "r")
+    rd.log(step=2, loss=0.25)
+    assert [r["step"] for r in rd.read_metrics()] == [0, 1, 2]
+    assert rd.read_metrics()[-1]["loss"] == 0.25
+
+
+def test_resume_refuses_a_different_seed_preset_or_experiment(tmp_path):
+    out = tmp_path / "r"
+    run_experiment("toy", preset="full", overrides={"seed": 1}, out=out, quiet=True)
+    for kw, match in (({"overrides": {"seed": 2}}, r"--seed 2 \(saved: 1\)"),
+                      ({"preset": "smoke", "overrides": {"steps": 3}}, "--steps 3"),
+                      ({"preset": None}, "preset 'full', not None"),
+                      ({"name": "toy-state"}, "holds a run of 'toy'")):
+        name = kw.pop("name", None)
+        with pytest.raises(ConfigError, match=match) as e:
+            run_experiment(name, resume=out, quiet=True, **kw)
+        assert "--resume" in str(e.value) and "--out" in str(e.value)
+    assert RunDir.open(out).status == "complete"           # a refused resume changes nothing
+    # the same values are fine: nothing is ignored, nothing contradicts the saved run
+    run_experiment("toy", resume=out, preset="full", overrides={"seed": "1"}, quiet=True)
+    assert main(["run", "--resume", str(out), "--seed", "2"]) == 2
+    assert main(["run", "--resume", str(out), "--seed", "1"]) == 0
+
+
+def test_resuming_a_finished_run_keeps_its_wall_seconds(tmp_path):
+    import time
+
+    out = tmp_path / "r"
+    rd = run_experiment("toy", out=out, quiet=True)
+    before = rd.read_summary()["wall_seconds"]
+    t0 = time.perf_counter()
+    run_experiment(None, resume=out, quiet=True)
+    after = rd.read_summary()["wall_seconds"]
+    assert before <= after <= before + (time.perf_counter() - t0)
+    assert json.loads((out / "status.json").read_text())["wall_seconds"] == after
+
+
+def test_a_value_rejected_inside_run_leaves_no_directory(tmp_path):
+    out = tmp_path / "runs" / "bad"
+    with pytest.raises(ConfigError, match="lr must be"):
+        run_experiment("toy-state", overrides={"lr": -1}, out=out, quiet=True)
+    assert not (tmp_path / "runs").exists()
+    assert main(["run", "toy-state", "--lr", "-1", "--out", str(out)]) == 2
+    assert not out.exists()
+    # a failure after results were written keeps the directory (it can be resumed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment("toy-state", overrides={"crash_at": 1}, out=out, quiet=True)
+    assert RunDir.open(out).status == "interrupted"
+
+
+def test_resume_of_a_compare_directory_names_the_right_command(tmp_path):
+    compare("toy", {}, seeds=[0], out=tmp_path / "c", quiet=True)
+    with pytest.raises(ConfigError, match="tangentscope compare --resume"):
+        run_experiment(None, resume=tmp_path / "c", quiet=True)

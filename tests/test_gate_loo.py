@@ -12,7 +12,6 @@ import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from test_optim_helpers import brute_per_example, one_thread  # noqa: F401  (fixture)
 from torch import nn
 
 from tangentscope.optim import (
@@ -24,6 +23,7 @@ from tangentscope.optim import (
     noise_variance,
     snr_gate,
 )
+from test_optim_helpers import brute_per_example, one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_optim_helpers import one_thread  # noqa: F401  (fixture)
 from torch import nn
 
 from tangentscope.optim import GatedAdamW, PerExampleStats
+from test_optim_helpers import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,8 +77,8 @@ def test_exact_gate_pass_rates_match_noncentral_t():
 
 @pytest.mark.parametrize("gate_on", ["update", "grad"])
 def test_streaming_gate_pass_rates_match_noncentral_chi2(gate_on):
-    rates, n = _run(lambda m: GatedAdamW(_groups(m), lr=1e-3, gate_on=gate_on,
-                                         noise_beta=0.99), steps=900, skip=300)
+    rates, _n = _run(lambda m: GatedAdamW(_groups(m), lr=1e-3, gate_on=gate_on,
+                                          noise_beta=0.99), steps=900, skip=300)
     for delta, got in zip(SNR, rates):
         want = (scipy_stats.chi2(1).sf(1.0) if delta == 0
                 else scipy_stats.ncx2(1, delta ** 2).sf(1.0))

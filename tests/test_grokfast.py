@@ -9,6 +9,7 @@ from torch import nn
 from tangentscope import ConfigError
 from tangentscope.optim.grokfast import GrokfastEMA, GrokfastMA, grokfast_ema, grokfast_ma
 
+
 @pytest.fixture(autouse=True)
 def _float64():
     old = torch.get_default_dtype()

@@ -6,15 +6,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from tangentscope import ConfigError
+from tangentscope import ConfigError, RunDir
+from tangentscope.errors import RecoveredFileWarning
 from tangentscope.experiments import grokking as G
 from tangentscope.experiments import grokking_theory as GT
 from tangentscope.experiments import plot_run, run_experiment
+from tangentscope.experiments._harness import censored_ratio, censored_stats
 
 TINY = dataclasses.replace(G.SETTINGS["tiny"], max_steps=60, eval_every=20)
 
@@ -56,17 +59,15 @@ def test_checkpoint_resume_continues_exactly(tmp_path, float64):
 
 
 def test_summary_censors_seeds_that_never_reach_the_target():
-    st = G._stats([100, None, 300], cap=1000)
+    st = censored_stats([100, None, 300], cap=1000)
     assert st["median"] == 300 and st["reached"] == 2 and st["max"] is None
-    never = G._stats([None, None, 5], cap=10)
+    never = censored_stats([None, None, 5], cap=10)
     assert never["median"] is None and never["min"] == 5
-    assert G._ratio(200, 100) == 2.0 and G._ratio(None, 100) is None
-    assert G._speedup(G._stats([None, None], 1000), G._stats([100, 300], 1000), 1000) == (
-        5.0, ">=")
-    assert G._speedup(G._stats([400, 600], 1000), G._stats([None, None], 1000), 1000) == (
-        0.5, "<=")
-    assert G._speedup(G._stats([400, 600], 1000), G._stats([100, 200], 1000), 1000) == (
-        500 / 150, None)
+    assert censored_ratio(200, 100) == 2.0 and censored_ratio(None, 100) is None
+    cs = censored_stats
+    assert G._speedup(cs([None, None], 1000), cs([100, 300], 1000), 1000) == (5.0, ">=")
+    assert G._speedup(cs([400, 600], 1000), cs([None, None], 1000), 1000) == (0.5, "<=")
+    assert G._speedup(cs([400, 600], 1000), cs([100, 200], 1000), 1000) == (500 / 150, None)
 
 
 def test_config_and_optimizer_errors_name_the_fix():
@@ -74,11 +75,12 @@ def test_config_and_optimizer_errors_name_the_fix():
         G.Config(setting=("nope",))
     with pytest.raises(ConfigError, match="unknown optimizer key 'thresh'"):
         G.Config(optimizer=("gated@thresh=2",))
-    with pytest.raises(ConfigError, match="unknown optimizer 'sgd'"):
-        G.parse_optimizer("sgd")
+    with pytest.raises(ConfigError, match="unknown optimizer 'lbfgs'"):
+        G.parse_optimizer("lbfgs")
     with pytest.raises(ConfigError, match="cuda_workers <= workers"):
         G.Config(workers=2, cuda_workers=3)
-    assert G.parse_optimizer("gated@threshold=2@gate=soft") == {
+    spec = G.parse_optimizer("gated@threshold=2@gate=soft")
+    assert {k: spec.settings[k] for k in ("gate_on", "stats", "threshold", "gate")} == {
         "gate_on": "update", "stats": "exact", "threshold": 2, "gate": "soft"}
     with pytest.raises(ConfigError, match="supports the MLP settings"):
         GT.Config(setting="tf-add")
@@ -120,3 +122,43 @@ def test_grokking_theory_smoke_preset(tmp_path):
         assert 0 <= r["target_in_channel_K"] <= 1 and 0 <= r["target_in_channel_W"] <= 1
     assert rows[0]["alignment_with_first"] == pytest.approx(1.0)
     assert (tmp_path / "t" / "figures" / "grokking_theory.png").exists()
+
+
+def test_a_damaged_cell_checkpoint_restarts_the_cell(tmp_path, float64):
+    job = G.GroupJob("tiny", TINY, "gated", (0, 1), log_every=20)
+    full = G.train_group(job)
+    ck = tmp_path / "state.pt"
+    ck.write_bytes(b"\x80\x04 a checkpoint cut by a kill")
+    with pytest.warns(RecoveredFileWarning, match="state.pt"):
+        again = G.train_group(dataclasses.replace(job, checkpoint=str(ck)))
+    assert _losses(again) == _losses(full) and (tmp_path / "state.pt.damaged").exists()
+
+
+def test_grokking_theory_resumes_from_a_damaged_checkpoint_without_duplicates(tmp_path,
+                                                                              monkeypatch):
+    ref = run_experiment("grokking-theory", preset="smoke", out=tmp_path / "ref", quiet=True,
+                         plot=False)
+    real, saved = RunDir.save_state, []
+
+    def save_then_stop(self, state, **kw):
+        real(self, state, **kw)
+        saved.append(state["step"])
+        if len(saved) == 4:
+            raise KeyboardInterrupt                    # killed after the 4th snapshot
+
+    monkeypatch.setattr(RunDir, "save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment("grokking-theory", preset="smoke", out=tmp_path / "cut", quiet=True,
+                       plot=False)
+    monkeypatch.undo()
+    state = tmp_path / "cut" / "theory-state-seed0.pt"
+    state.write_bytes(state.read_bytes()[:100])        # the newest checkpoint is damaged
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecoveredFileWarning)
+        rd = run_experiment(None, resume=tmp_path / "cut", quiet=True, plot=False)
+    rows, want = rd.read_metrics(), ref.read_metrics()
+    assert [r["step"] for r in rows] == [r["step"] for r in want]     # no duplicated rows
+    for a, b in zip(rows, want):
+        assert a["val_acc"] == b["val_acc"] and a["target_in_channel_K"] == pytest.approx(
+            b["target_in_channel_K"], rel=1e-6)
+    assert not state.exists()                           # the seed finished: checkpoint gone

@@ -12,25 +12,27 @@ import torch
 
 pytest.importorskip("trl")
 
-from tangentscope import ConfigError  # noqa: E402
-from tangentscope.experiments import dpo as X  # noqa: E402
-from tangentscope.experiments import run_experiment  # noqa: E402
-from tangentscope.experiments._framework import make_config  # noqa: E402
-from tangentscope.integrations import dpo as D  # noqa: E402
-from tangentscope.integrations import hf as H  # noqa: E402
-from tangentscope.optim import gate_from_sums  # noqa: E402
+from tangentscope import ConfigError
+from tangentscope.data import preference_metrics as M
+from tangentscope.data import preferences as T
+from tangentscope.experiments import dpo as X
+from tangentscope.experiments import run_experiment
+from tangentscope.experiments._framework import make_config
+from tangentscope.integrations import hf as H
+from tangentscope.losses import preference as L
+from tangentscope.optim import gate_from_sums
 
 
 @pytest.fixture(scope="module")
 def world():
     tok = H.char_tokenizer("abcdxy|", eos_token="$")
-    task = D.make_task(tok, list("abcd"), prefix="|", prompt_len=2, response_len=3)
+    task = T.make_preference_task(tok, list("abcd"), prefix="|", prompt_len=2, response_len=3)
     ref = H.tiny_causal_lm(len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=8,
                            eos_token_id=tok.eos_token_id, seed=0).eval()
     g = torch.Generator().manual_seed(0)
-    D.pretrain_reference(ref, task, steps=20, batch_size=32, generator=g)
+    T.pretrain_reference(ref, task, steps=20, batch_size=32, generator=g)
     ref.requires_grad_(False)
-    pairs = D.flip_labels(D.make_pairs(task, ref, 8, g), 0.25, torch.arange(8))
+    pairs = T.flip_preferences(T.make_pairs(task, ref, 8, g), 0.25, torch.arange(8))
     return tok, task, ref, pairs
 
 
@@ -62,7 +64,7 @@ def test_trl_trains_exactly_our_loss(world, loss, eps, tmp_path):
     """TRL's loss on a batch = our loss of our margins (EOS cut by max_length; cDPO by weights)."""
     tok, task, ref, pairs = _fresh(world)
     pol = _policy(ref)
-    tr = H.dpo_trainer(pol, ref, tok, D.pairs_to_dataset(task, pairs), loss=loss, eps=eps,
+    tr = H.dpo_trainer(pol, ref, tok, H.pairs_to_dataset(task, pairs), loss=loss, eps=eps,
                        beta=0.7, batch_size=len(pairs), max_length=task.max_length,
                        output_dir=tmp_path, device="cpu")
     batch = next(iter(tr.get_train_dataloader()))
@@ -70,7 +72,7 @@ def test_trl_trains_exactly_our_loss(world, loss, eps, tmp_path):
     with H.quiet_hf(), torch.no_grad():
         pol.eval()
         trl_loss = tr.compute_loss(pol, batch).item()
-    ours = D.preference_loss(loss, D.implicit_margins(pol, ref, task, pairs), 0.7, eps)
+    ours = L.preference_loss(loss, M.implicit_margins(pol, ref, task, pairs), 0.7, eps)
     assert trl_loss == pytest.approx(ours.mean().item(), rel=1e-5, abs=1e-6)
 
 
@@ -78,26 +80,26 @@ def test_gate_through_trainer_grad_accumulation_is_the_exact_per_pair_gate(world
     """One step of GatedAdamW with MicrobatchStats under gradient_accumulation_steps = 4 (one
     pair per microbatch) updates exactly the coordinates the brute-force per-pair gate opens."""
     tok, task, ref, pairs = _fresh(world)
-    sub = D.PreferencePairs(*(getattr(pairs, f)[:4] for f in
+    sub = T.PreferencePairs(*(getattr(pairs, f)[:4] for f in
                               ("prompts", "chosen", "rejected", "reward_chosen",
                                "reward_rejected", "flipped")))
     pol = _policy(ref)
     before = {n: p.detach().clone() for n, p in pol.named_parameters()}
     # brute force: per-pair DPO gradients at the initial parameters
-    x = D.prompt_token_ids(task, sub.prompts)
+    x = T.prompt_token_ids(task, sub.prompts)
     with torch.no_grad():
         rc, rr = _seq_logp(ref, x, sub.chosen), _seq_logp(ref, x, sub.rejected)
     names = [n for n, _ in pol.named_parameters()]
-    S1 = {n: 0.0 for n in names}
-    S2 = {n: 0.0 for n in names}
+    S1 = dict.fromkeys(names, 0.0)
+    S2 = dict.fromkeys(names, 0.0)
     for i in range(4):
         delta = (_seq_logp(pol, x[i:i + 1], sub.chosen[i:i + 1]) - rc[i]) - (
             _seq_logp(pol, x[i:i + 1], sub.rejected[i:i + 1]) - rr[i])
-        grads = torch.autograd.grad(D.dpo_loss(delta, 0.5).sum(), list(pol.parameters()))
+        grads = torch.autograd.grad(L.dpo_loss(delta, 0.5).sum(), list(pol.parameters()))
         for n, c in zip(names, grads):
             S1[n] = S1[n] + c
             S2[n] = S2[n] + c * c
-    tr = H.dpo_trainer(pol, ref, tok, D.pairs_to_dataset(task, sub), beta=0.5,
+    tr = H.dpo_trainer(pol, ref, tok, H.pairs_to_dataset(task, sub), beta=0.5,
                        optimizer="gated", lr=1e-3, weight_decay=0.0, epochs=1, batch_size=4,
                        microbatch_size=1, max_length=task.max_length, max_grad_norm=0.0,
                        gate_kwargs={"stats": "microbatch"}, output_dir=tmp_path, device="cpu")
@@ -177,7 +179,7 @@ def test_smoke_preset_runs_resumes_and_replots(tmp_path):
 
 
 def test_local_model_directory(tmp_path, world):
-    tok, task, ref, _ = _fresh(world)
+    tok, _task, ref, _ = _fresh(world)
     d = tmp_path / "tiny-lm"
     ref.save_pretrained(d)
     tok.save_pretrained(d)

@@ -8,12 +8,16 @@ import pytest
 import torch
 
 from tangentscope.dynamics import KernelRecorder, KernelTrajectory, every
-from tangentscope.dynamics.phenomena import (gd_step_size, linearized_comparison,
-                                             make_optimizer, minnorm_rel_errors,
-                                             param_vector, path_average_kernel, train_network)
+from tangentscope.dynamics.linearized import (
+    gd_step_size,
+    linearized_comparison,
+    minnorm_rel_errors,
+    path_average_kernel,
+)
 from tangentscope.experiments import run_experiment
+from tangentscope.experiments._harness import param_vector, train_network
 from tangentscope.models import mlp
-
+from tangentscope.optim.spec import build_optimizer
 from zoo import brute_force_entk
 
 
@@ -26,7 +30,7 @@ def _fit_linear(steps: int, every_k: int = 5):
     net = torch.nn.Linear(15, 1).double()
     w0 = param_vector(net.parameters())
     lr = gd_step_size(net, x, 0.5)
-    opt = make_optimizer("gd", net, lr)
+    opt = build_optimizer("sgd", net, lr=lr).optimizer
     rec = KernelRecorder(net, x, y, loss="squared", x_test=xt, optimizer=opt,
                          schedule=every(every_k), verbose=False)
     train_network(net, x, y, (y[:, 0] > 0).long(), opt, steps)
@@ -67,7 +71,7 @@ def test_a_linear_model_is_its_own_linearization(steps):
 
 
 def test_min_norm_parameter_distance_is_the_pinv_solution_norm():
-    traj, y, lr, dist = _fit_linear(3000)
+    traj, y, _lr, dist = _fit_linear(3000)
     X1 = torch.cat([traj.data["x"].double(), torch.ones(8, 1, dtype=torch.float64)], 1)
     r0 = traj.u[0] - y
     dw = torch.linalg.pinv(X1) @ r0                  # min-norm parameter update

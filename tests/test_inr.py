@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from tangentscope import ConfigError
-from tangentscope.experiments.inr import torch_threads
+from tangentscope.experiments._harness import torch_threads
 from tangentscope.models.siren import Siren, pixel_grid, siren_init_
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -111,7 +110,7 @@ def test_camera_image_and_psnr():
 def test_steps_to_reach_and_aggregation():
     import numpy as np
 
-    from tangentscope.experiments.inr import median_spread, steps_to_reach
+    from tangentscope.experiments._fitting import median_spread, steps_to_reach
 
     steps = np.array([0, 5, 10, 15])
     assert steps_to_reach(steps, np.array([1.0, 2.0, 3.0, 2.5]), 2.5, higher_is_better=True) == 10

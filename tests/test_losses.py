@@ -23,10 +23,10 @@ def test_squared_and_cross_entropy(reduction, p):
     torch.manual_seed(0)
     n = 6
     u = torch.randn(n, p, dtype=torch.float64)
-    cases = [(ts.SquaredLoss(reduction), torch.randn(n, p, dtype=torch.float64))]
+    cases = [(ts.losses.SquaredLoss(reduction), torch.randn(n, p, dtype=torch.float64))]
     if p > 1:
-        cases.append((ts.CrossEntropyLoss(reduction), torch.randint(0, p, (n,))))
-        cases.append((ts.CrossEntropyLoss(reduction),
+        cases.append((ts.losses.SoftmaxCrossEntropy(reduction), torch.randint(0, p, (n,))))
+        cases.append((ts.losses.SoftmaxCrossEntropy(reduction),
                       torch.softmax(torch.randn(n, p, dtype=torch.float64), -1)))
     for loss, y in cases:
         g, H = _autograd(loss, u, y)
@@ -40,7 +40,7 @@ def test_squared_and_cross_entropy(reduction, p):
 def test_cross_entropy_matches_torch():
     u = torch.randn(5, 3, dtype=torch.float64)
     y = torch.randint(0, 3, (5,))
-    torch.testing.assert_close(ts.CrossEntropyLoss().value(u, y),
+    torch.testing.assert_close(ts.losses.SoftmaxCrossEntropy().value(u, y),
                                torch.nn.functional.cross_entropy(u, y))
 
 
@@ -48,7 +48,7 @@ def test_per_example_loss_via_autograd():
     def logcosh(ui, yi):
         return torch.log(torch.cosh(ui - yi)).sum()
 
-    loss = ts.PerExampleLoss(logcosh)
+    loss = ts.losses.PerExampleLoss(logcosh)
     u = torch.randn(4, 2, dtype=torch.float64)
     y = torch.randn(4, 2, dtype=torch.float64)
     g, H = _autograd(loss, u, y)
@@ -58,8 +58,8 @@ def test_per_example_loss_via_autograd():
 
 def test_loss_errors():
     with pytest.raises(ts.ShapeError, match="equal"):
-        ts.SquaredLoss().grad(torch.zeros(3, 2), torch.zeros(3, 1))
+        ts.losses.SquaredLoss().grad(torch.zeros(3, 2), torch.zeros(3, 1))
     with pytest.raises(ts.ShapeError, match=r"\[0, 3\)"):
-        ts.CrossEntropyLoss().grad(torch.zeros(2, 3), torch.tensor([0, 3]))
+        ts.losses.SoftmaxCrossEntropy().grad(torch.zeros(2, 3), torch.tensor([0, 3]))
     with pytest.raises(ts.ShapeError, match="unknown loss"):
-        ts.get_loss("hinge-ish")
+        ts.losses.get_loss("hinge-ish")

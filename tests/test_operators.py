@@ -10,13 +10,23 @@ import pytest
 import torch
 
 import tangentscope as ts
-from tangentscope.dynamics import (DISCRETIZATIONS, KernelRecorder, KernelTrajectory,
-                                   accumulate_operators, dissipation_gramian, every,
-                                   identity_residuals, mode_visibility, propagator,
-                                   split_channels, transfer_operator, window_operators)
+from tangentscope.dynamics import (
+    DISCRETIZATIONS,
+    KernelRecorder,
+    KernelTrajectory,
+    accumulate_operators,
+    dissipation_gramian,
+    every,
+    identity_residuals,
+    mode_visibility,
+    propagator,
+    split_channels,
+    transfer_operator,
+    window_operators,
+)
 from tangentscope.dynamics.operators import _phi1, _phi2
 from tangentscope.errors import ConfigError, ShapeError
-from tangentscope.kernels.losses import dense_hessian
+from tangentscope.losses import dense_hessian
 
 F64 = torch.float64
 
@@ -39,7 +49,7 @@ def _flow_trajectory(times, d=25, seed=0):
     X, XQ, W0, y, K, KQ = _linear(d=d, seed=seed)
     sol = ts.squared_loss_flow(K, X @ W0.T, y, t=torch.tensor(times, dtype=F64), K_QS=KQ,
                                U_Q0=XQ @ W0.T)
-    L = ts.SquaredLoss()
+    L = ts.losses.SquaredLoss()
     S = len(times)
     return KernelTrajectory.from_arrays(
         times, [K] * S, list(sol.u), [L.grad(u, y) for u in sol.u],
@@ -53,7 +63,7 @@ def _random_trajectory(S=5, n=4, p=3, m=3, seed=0, steps_per_interval=(1, 3, 2, 
     g = torch.Generator().manual_seed(seed)
     r = 7
     Ks, KQs, Bs, us, gs = [], [], [], [], []
-    ce = ts.get_loss(loss)
+    ce = ts.losses.get_loss(loss)
     labels = torch.randint(0, p, (n,), generator=g)
     if loss == "squared":
         labels = torch.randn(n, p, generator=g, dtype=F64)
@@ -238,7 +248,7 @@ def _train_linear_gd(steps=30, every_k=3, groups=False):
                          verbose=False)
     for _ in range(steps):
         opt.zero_grad()
-        ts.SquaredLoss().value(model(X), y).backward()
+        ts.losses.SquaredLoss().value(model(X), y).backward()
         opt.step()
         sched.step()
     rec.close()

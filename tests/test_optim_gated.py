@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_optim_adamw import _data, _model, _train
-from test_optim_helpers import one_thread  # noqa: F401
 from torch import nn
 
 from tangentscope import ConfigError
 from tangentscope.optim import GatedAdamW, GatedOptimizer, GradMoments, PerExampleStats, gate
+from test_optim_adamw import _data, _model, _train
+from test_optim_helpers import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

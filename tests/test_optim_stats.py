@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_optim_helpers import brute_per_example, brute_sums, one_thread  # noqa: F401
 from torch import nn
 from torch.nn import functional as F
-from zoo import MODELS, inputs_for, kind
 
 from tangentscope import ConfigError, ShapeError, UnsupportedModelError
 from tangentscope.optim import (
@@ -17,6 +15,8 @@ from tangentscope.optim import (
     VmapStats,
     noise_variance,
 )
+from test_optim_helpers import brute_per_example, brute_sums, one_thread  # noqa: F401
+from zoo import MODELS, ZOO, SeqModel, inputs_for, kind
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,9 +45,9 @@ def _assert_sums(model, got, ref, count, rtol=1e-10):
         assert m.count == count, n
         scale = s2.abs().max().clamp(min=1e-300)
         torch.testing.assert_close(m.grad_sq_sum, s2, rtol=rtol, atol=rtol * float(scale),
-                                   msg=lambda s: f"{n} S2: {s}")
+                                   msg=lambda s, n=n: f"{n} S2: {s}")
         torch.testing.assert_close(m.grad_sum, s1, rtol=rtol, atol=rtol * float(
-            s1.abs().max().clamp(min=1e-300)), msg=lambda s: f"{n} S1: {s}")
+            s1.abs().max().clamp(min=1e-300)), msg=lambda s, n=n: f"{n} S1: {s}")
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -73,21 +73,24 @@ def test_sources_match_brute_force_on_the_zoo(name, source):
     _assert_sums(model, got, ref, 7)
 
 
-class SeqModel(nn.Module):
-    """Linear layers on ``(b, L, d)`` sequences, LayerNorm without bias, RMSNorm, a Conv1d."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=1)
-        self.ln = nn.LayerNorm(4, bias=False)
-        self.fc = nn.Linear(4, 5)
-        self.rms = nn.RMSNorm(5)
-        self.out = nn.Linear(5, 2)
-
-    def forward(self, x):                                 # x: (b, 3, T)
-        h = self.conv(x).transpose(1, 2)                  # (b, L, 4)
-        h = torch.tanh(self.fc(self.ln(h)))
-        return self.out(self.rms(h)).mean(1)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own
+@pytest.mark.parametrize("setting", ZOO, ids=lambda s: s.name)
+def test_per_example_stats_on_every_zoo_setting(setting):
+    """The settings the kernel tests use (grouped convolutions with every padding mode,
+    GroupNorm, eval BatchNorm, embeddings with padding, reused and tied layers), against the
+    brute-force sums and VmapStats."""
+    torch.manual_seed(0)
+    model = setting.build()
+    x = setting.inputs(7, 0)
+    with torch.no_grad():
+        p = model(x).shape[1]
+    y = torch.randn(7, p, dtype=torch.float64)
+    ref = brute_sums(model, mse, x, y)
+    _assert_sums(model, _hooked(model, mse, x, y, broadcast=setting.broadcast), ref, 7)
+    vs = VmapStats(model, mse, chunk_size=4)
+    model.zero_grad()
+    vs.backward(x, y)
+    _assert_sums(model, vs.collect(), ref, 7)
 
 
 @pytest.mark.parametrize("T", [1, 3, 9])                 # L = 1 / 2 (pair expansion) / 5 (bmm)
@@ -248,8 +251,8 @@ def test_errors_name_the_problem_and_the_fix():
 
     with pytest.raises(UnsupportedModelError, match=r"scale.*VmapStats"):
         PerExampleStats(Raw())
-    with pytest.raises(UnsupportedModelError, match="groups=2"):
-        PerExampleStats(nn.Conv2d(2, 2, 3, groups=2))
+    with pytest.raises(UnsupportedModelError, match=r"0\.weight.*register_rule.*VmapStats"):
+        PerExampleStats(nn.Sequential(nn.Conv3d(2, 2, 3)))   # grouped Conv2d works now
     with pytest.raises(UnsupportedModelError, match="sparse"):
         PerExampleStats(nn.Embedding(5, 3, sparse=True))
     with pytest.raises(ConfigError, match="not modules"):
@@ -323,3 +326,213 @@ def test_microbatch_source_under_ddp_ranks_are_microbatches(tmp_path, bucket_vie
         torch.testing.assert_close(s1, cs.sum(0))
         torch.testing.assert_close(grad, cs.sum(0))
         torch.testing.assert_close(s2, (cs * cs).sum(0))
+
+
+# -- issue 12: DDP, GradScaler, autocast, validation -----------------------------------------
+def _sources_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from tangentscope.optim import GatedAdamW
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(3, world, 5, 3, generator=g, dtype=torch.float64)   # step, rank, b
+    Y = torch.randn(3, world, 5, 4, generator=g, dtype=torch.float64)
+    out = {}
+    for source in ("per-example", "vmap", "microbatch", "streaming"):
+        torch.manual_seed(0)
+        model = MODELS["mlp_p4"]()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        if source == "per-example":
+            stats = PerExampleStats(model)
+        elif source == "vmap":
+            stats = VmapStats(model, mse)
+        elif source == "microbatch":
+            stats = MicrobatchStats(model)
+        else:
+            stats = "streaming"
+        opt = GatedAdamW(model.parameters(), lr=1e-2, stats=stats, gate=source != "microbatch")
+        first = None
+        for step in range(3):
+            opt.zero_grad()
+            if source == "vmap":
+                stats.backward(X[step, rank], Y[step, rank])
+            else:
+                mse(ddp(X[step, rank]), Y[step, rank]).backward()
+            if step == 0 and source != "streaming":
+                first = {n: (m.grad_sum, m.grad_sq_sum, m.count) for n, p in
+                         model.named_parameters() if (m := stats.collect().get(id(p)))}
+            opt.step()
+        out[source] = ({n: p.detach().clone() for n, p in model.named_parameters()}, first)
+    torch.save(out, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_every_source_under_ddp_reduces_across_ranks(tmp_path):
+    """Two gloo ranks: every statistics source gates on the global statistics (the brute-force
+    sums over both ranks' examples, contributions ∇ℓ/(b R)) and the replicas stay equal."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sources_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(3, 2, 5, 3, generator=g, dtype=torch.float64)
+    Y = torch.randn(3, 2, 5, 4, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = MODELS["mlp_p4"]()
+    ref = brute_sums(model, mse, X[0].reshape(10, 3), Y[0].reshape(10, 4))   # mean over 10
+    for source in ("per-example", "vmap", "microbatch", "streaming"):
+        (w0, first0), (w1, _) = r0[source], r1[source]
+        for n in w0:                                                  # identical replicas
+            torch.testing.assert_close(w0[n], w1[n], rtol=0, atol=0, msg=f"{source} {n}")
+        if source in ("per-example", "vmap"):
+            for n, (s1, s2, count) in first0.items():
+                assert count == 10
+                torch.testing.assert_close(s1, ref[n][0], msg=f"{source} {n} S1")
+                torch.testing.assert_close(s2, ref[n][1], msg=f"{source} {n} S2")
+        elif source == "microbatch":
+            for n, (s1, _, count) in first0.items():
+                assert count == 2
+                torch.testing.assert_close(s1, ref[n][0], msg=f"{source} {n} S1")
+
+
+@pytest.mark.parametrize("source", ["per-example", "microbatch", "vmap"])
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_gradscaler_skipped_steps_do_not_leak_into_the_next_step(source, set_to_none):
+    from tangentscope.optim import GatedAdamW
+
+    torch.manual_seed(0)
+    model = MODELS["mlp_p4"]().float()
+    x, y = torch.randn(12, 3), torch.randn(12, 4)
+    stats = {"per-example": lambda: PerExampleStats(model), "vmap": lambda: VmapStats(
+        model, lambda o, t: mse(o, t) * torch.inf), "microbatch": lambda: MicrobatchStats(
+        model)}[source]()
+    opt = GatedAdamW(model.parameters(), lr=1e-3, stats=stats)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    for k in range(3):                                     # overflowing steps, all skipped
+        opt.zero_grad(set_to_none=set_to_none)
+        xs, ys = x[4 * k:4 * k + 4], y[4 * k:4 * k + 4]
+        if source == "vmap":                               # no scaler: the step is skipped
+            stats.backward(xs, ys)
+            continue
+        scaler.scale(mse(model(xs), ys) * torch.inf).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert source == "vmap" or scaler.get_scale() == 2.0 ** 5   # three skips, three back-offs
+    opt.zero_grad(set_to_none=set_to_none)
+    xs, ys = x[:6], y[:6]
+    if source == "vmap":
+        stats.loss_fn = mse
+        stats.backward(xs, ys)
+        S = 1.0
+    else:
+        scaler.scale(mse(model(xs), ys)).backward()
+        S = scaler.get_scale()
+    got = stats.collect()
+    ref = brute_sums(model, mse, xs, ys)
+    for n, p in model.named_parameters():
+        m = got[id(p)]
+        assert m.count == (1 if source == "microbatch" else 6), (n, m.count)
+        torch.testing.assert_close(m.grad_sum, S * ref[n][0], rtol=1e-4, atol=1e-6 * S)
+        if source != "microbatch":
+            torch.testing.assert_close(m.grad_sq_sum, S * S * ref[n][1], rtol=1e-4,
+                                       atol=1e-9 * S * S)
+
+
+@pytest.mark.parametrize("source", ["per-example", "microbatch", "vmap"])
+def test_every_source_under_bf16_autocast(source):
+    torch.manual_seed(0)
+    model = MODELS["mlp_p4"]().float()
+    x, y = torch.randn(8, 3), torch.randn(8, 4)
+    ref = brute_sums(model, mse, x, y)
+    stats = {"per-example": lambda: PerExampleStats(model), "vmap": lambda: VmapStats(
+        model, mse), "microbatch": lambda: MicrobatchStats(model)}[source]()
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if source == "vmap":
+            stats.backward(x, y)
+        elif source == "microbatch":
+            for sl in (slice(0, 4), slice(4, 8)):
+                (mse(model(x[sl]), y[sl]) / 2).backward()
+        else:
+            mse(model(x), y).backward()                     # validation passes in bf16
+    got = stats.collect()
+    for n, p in model.named_parameters():
+        m = got[id(p)]
+        torch.testing.assert_close(m.grad_sum, ref[n][0], rtol=0.1, atol=0.05 * float(
+            ref[n][0].abs().max()))
+        if source != "microbatch":
+            rel = (m.grad_sq_sum - ref[n][1]).norm() / ref[n][1].norm()
+            assert rel < 0.1, (n, float(rel))
+
+
+class KeyBias(nn.Module):
+    """Attention whose key bias gets an analytically zero gradient (softmax shift invariance),
+    as in BERT: numerically it is rounding noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4),
+                                            nn.Linear(4, 2))
+
+    def forward(self, x):                                  # (b, L, 4)
+        att = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) / 2, -1)
+        return self.out((att @ self.v(x)).mean(1))
+
+
+def test_validation_accepts_vanishing_gradients_and_names_the_right_cause():
+    torch.manual_seed(0)
+    model = KeyBias()
+    x, y = torch.randn(6, 5, 4), torch.randn(6, 2)
+    stats = PerExampleStats(model)
+    mse(model(x), y).backward()                            # the key bias' gradient is ~1e-9
+    assert float(model.k.bias.grad.abs().max()) < 1e-5
+    got = stats.collect()
+    assert float(got[id(model.k.bias)].grad_sq_sum.abs().max()) < 1e-10
+    model.zero_grad()
+    stats.reset()
+    stats._validate_left = 1
+
+    def perturb(g):                                        # a hook rescales the gradient by 1%
+        return g * 1.01
+
+    h = model.out.weight.register_hook(perturb)
+    with pytest.raises(UnsupportedModelError, match="rounding tolerance") as e:
+        mse(model(x), y).backward()
+    assert "tied head" not in str(e.value)
+    h.remove()
+
+
+def test_registered_rule_serves_the_statistics():
+    from tangentscope.derivatives import LayerRule, register_rule
+
+    class Scale(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.weight
+
+    class ScaleRule(LayerRule):
+        roles = ("weight",)
+
+        def module_call(self, module, x):
+            return {"input": x, "weight": module.weight}
+
+        def data(self, bound):
+            return {"x": bound["input"].detach()}
+
+        def per_example(self, data, delta, roles):
+            B, P, d = delta.shape[0], delta.shape[1], delta.shape[-1]
+            return (delta * data["x"].unsqueeze(1)).reshape(B, P, -1, d).sum(2)
+
+    with pytest.raises(UnsupportedModelError, match="register_rule"):
+        PerExampleStats(nn.Sequential(nn.Linear(3, 4), Scale(4)))
+    register_rule(Scale, ScaleRule())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    _assert_sums(model, _hooked(model, mse, x, y), brute_sums(model, mse, x, y), 5)

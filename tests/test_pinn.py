@@ -13,7 +13,7 @@ from tangentscope import ConfigError, RunDir
 from tangentscope.cli import main
 from tangentscope.experiments import make_config, run_experiment
 from tangentscope.experiments import pinn as pinn_exp
-from tangentscope.experiments.inr import torch_threads
+from tangentscope.experiments._harness import torch_threads
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,8 +30,11 @@ def smoke(tmp_path_factory):
 
 def test_point_weights_reproduce_the_pinn_objective():
     """mean_i(weight_i · loss_i) = λ·mean(r²) + mean(IC²) + mean(BC²) + mean(data²)."""
-    from tangentscope.data.burgers import (BurgersPINN, burgers_point_losses,
-                                           residual_from_derivatives)
+    from tangentscope.data.burgers import (
+        BurgersPINN,
+        burgers_point_losses,
+        residual_from_derivatives,
+    )
     from tangentscope.models.siren import Siren
 
     cfg = make_config(pinn_exp.Config, {"n_obs": 30, "n_collocation": 20, "n_initial": 7,

@@ -8,12 +8,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from zoo import brute_force_jacobian, make_mlp
 
 import tangentscope as ts
-from tangentscope.dynamics import (KernelRecorder, KernelTrajectory, at_steps, every,
-                                   identity_residuals, logspaced, manual)
+from tangentscope.dynamics import (
+    KernelRecorder,
+    KernelTrajectory,
+    at_steps,
+    every,
+    identity_residuals,
+    logspaced,
+    manual,
+)
 from tangentscope.errors import ConfigError, ShapeError
+from zoo import brute_force_jacobian, make_mlp
 
 F64 = torch.float64
 
@@ -32,7 +39,7 @@ def _stacked(J1, J2, D=None):
 
 def _sgd_step(model, opt, x, y):
     opt.zero_grad()
-    ts.SquaredLoss().value(model(x), y).backward()
+    ts.losses.SquaredLoss().value(model(x), y).backward()
     opt.step()
 
 
@@ -58,7 +65,7 @@ def test_snapshots_match_brute_force_autograd(tmp_path):
     assert traj.steps.tolist() == [0, 2, 4, 6]
     np.testing.assert_allclose(traj.times, np.concatenate([[0], np.cumsum(lrs)[1::2]]),
                                rtol=1e-14)
-    L = ts.SquaredLoss()
+    L = ts.losses.SquaredLoss()
     for step, (K, KQ, u, uq, gram) in want.items():
         k = traj.index_of_step(step)
         torch.testing.assert_close(traj.kernel(k), K, rtol=1e-10, atol=1e-12)
@@ -107,12 +114,12 @@ def test_adam_kernel_is_the_next_step_preconditioned_kernel():
     recs = {k: KernelRecorder(model, x, y, optimizer=opt, schedule=every(2), precondition=k,
                               save_preconditioner=True, verbose=False)
             for k in ("adam", "adam_state")}
-    g0 = torch.autograd.grad(ts.SquaredLoss().value(model(x), y), list(model.parameters()))
+    g0 = torch.autograd.grad(ts.losses.SquaredLoss().value(model(x), y), list(model.parameters()))
     g0 = torch.cat([g.reshape(-1) for g in g0])
     for _ in range(2):
         _sgd_step(model, opt, x, y)
-    params = [q for q in model.parameters()]
-    loss = ts.SquaredLoss().value(model(x), y)
+    params = list(model.parameters())
+    loss = ts.losses.SquaredLoss().value(model(x), y)
     grads = torch.autograd.grad(loss, params)
     v = torch.cat([opt.state[q]["exp_avg_sq"].reshape(-1) for q in params])
     gflat = torch.cat([g.reshape(-1) for g in grads])
@@ -278,3 +285,101 @@ def test_index_lines_are_valid_json_with_sizes(tmp_path):
     KernelRecorder(make_mlp(2), x, y, run_dir=tmp_path, verbose=False)
     rec = json.loads((tmp_path / "index.jsonl").read_text().splitlines()[0])
     assert rec["step"] == 0 and rec["bytes"] == (tmp_path / rec["file"]).stat().st_size
+
+
+# -- reliability (issue 12.4 / 12.9) -------------------------------------------------------------
+def test_an_estimate_that_does_not_fit_is_refused_before_anything_is_written(tmp_path, capsys):
+    # no total_steps (the case that used to print the estimate, write the directory, allocate
+    # and only then refuse): one snapshot's eNTK is over the budget -> nothing is created
+    x, y, xq, _ = _data()
+    run = tmp_path / "deep" / "run"
+    with pytest.raises(ts.KernelTooLargeError, match="memory budget"):
+        KernelRecorder(make_mlp(2), x, y, x_test=xq, schedule=every(5), run_dir=run,
+                       entk_options={"memory_budget": 2000})
+    assert not (tmp_path / "deep").exists()
+    out = capsys.readouterr().out
+    assert "total unknown" in out and "pass total_steps=" in out
+
+
+def test_without_total_steps_each_snapshot_is_checked_and_earlier_ones_kept(tmp_path,
+                                                                             monkeypatch):
+    from tangentscope.dynamics import recorder as recorder_mod
+
+    x, y, _, _ = _data()
+    model = make_mlp(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = KernelRecorder(model, x, y, optimizer=opt, schedule=every(1), run_dir=tmp_path / "r",
+                         verbose=False)
+    _sgd_step(model, opt, x, y)
+    monkeypatch.setattr(recorder_mod, "_free_disk", lambda path: 100)
+    with pytest.raises(ConfigError, match="snapshots so far are kept"):
+        _sgd_step(model, opt, x, y)
+    rec.close(final=False)
+    assert KernelTrajectory.load(tmp_path / "r").steps.tolist() == [0, 1]
+
+
+def test_planned_snapshots_are_counted_in_constant_time_and_exactly():
+    import time
+
+    t0 = time.perf_counter()
+    assert every(7, start=3).planned(10**12) == (10**12 - 3) // 7 + 1 + 1
+    assert logspaced(10**9, 40).planned(10**9) <= 41
+    assert time.perf_counter() - t0 < 0.5
+    for sched in (every(3), every(4, start=5), at_steps([0, 3, 8, 20]), logspaced(50, 7),
+                  manual(), ts.dynamics.Schedule(every=5, start=2, steps=frozenset({1, 4, 7}))):
+        for T in range(30):
+            brute = len({s for s in range(T + 1) if sched.due(s)} | {0})
+            assert sched.planned(T) == brute, (sched, T)
+
+
+def test_every_submodules_mode_is_restored_exactly():
+    # a deliberately frozen BatchNorm inside a train-mode model stays frozen (issue 12.4)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                                torch.nn.Dropout(0.1), torch.nn.Linear(8, 2)).double().train()
+    model[1].eval()
+    x, y, xq, _ = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    before = [m.training for m in model.modules()]
+    rec = KernelRecorder(model, x, y, x_test=xq, optimizer=opt, schedule=every(1),
+                         verbose=False)
+    for _ in range(3):
+        assert [m.training for m in model.modules()] == before
+        _sgd_step(model, opt, x, y)
+    rec.close()
+    assert [m.training for m in model.modules()] == before
+    assert not model[1].training and model[3].training
+
+
+def test_the_estimate_gets_the_arguments_entk_gets(monkeypatch):
+    import functools
+
+    from tangentscope.dynamics import recorder as recorder_mod
+
+    calls = {}
+    real_entk, real_est = recorder_mod.entk, recorder_mod.estimate_memory
+
+    def spy_entk(fm, x1, x2=None, **kw):
+        calls["entk"] = (x1.shape, None if x2 is None else x2.shape, set(kw))
+        return real_entk(fm, x1, x2, **kw)
+
+    @functools.wraps(real_est)              # same signature: the recorder reads it
+    def spy_est(fm, x1, x2=None, **kw):
+        calls.setdefault("est", (x1.shape, None if x2 is None else x2.shape, set(kw)))
+        return real_est(fm, x1, x2, **kw)
+
+    monkeypatch.setattr(recorder_mod, "entk", spy_entk)
+    monkeypatch.setattr(recorder_mod, "estimate_memory", spy_est)
+    x, y, xq, _ = _data()
+    model = make_mlp(2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    KernelRecorder(model, x, y, x_test=xq, optimizer=opt, test_gram=False, verbose=False,
+                   entk_options={"implementation": "jacobian", "chunk_size": 4})
+    import inspect
+
+    accepted = set(inspect.signature(real_est).parameters)
+    e_x1, e_x2, e_kw = calls["entk"]
+    s_x1, s_x2, s_kw = calls["est"]
+    assert (s_x1, s_x2) == (e_x1, e_x2) == ((10, 3), (6, 3))
+    assert s_kw == {k for k in e_kw if k in accepted or "kwargs" in accepted}
+    assert {"implementation", "chunk_size", "dtype"} <= s_kw

@@ -2,7 +2,7 @@
 
 Twins: ``zoo.brute_force_entk`` (one autograd call per example and output) and the generic
 ``implementation="jacobian"`` path. Every contraction route (hadamard, positional, materialize)
-is forced in turn on the layers where it is valid.
+is forced in turn on the layers where it is valid, over every setting of the shared zoo.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 
 import tangentscope as ts
 from tangentscope.kernels import structured as S
-from zoo import MODELS, brute_force_entk, inputs_for, kind, make_mlp
+from zoo import MODELS, ZOO, Convs, Shared, Tokens, brute_force_entk, inputs_for, kind, make_mlp
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -50,6 +50,20 @@ def test_zoo_matches_brute_force(name, route):
                                ref_12.diagonal(dim1=2, dim2=3).sum(-1), **TOL)
     torch.testing.assert_close(structured(model, x1, trace_outputs=True),
                                ref_11.diagonal(dim1=2, dim2=3).sum(-1), **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own
+@pytest.mark.parametrize("setting", ZOO, ids=lambda s: s.name)
+def test_every_zoo_setting_matches_brute_force(setting, route):
+    model = setting.build()
+    x1, x2 = setting.inputs(4, 1), setting.inputs(3, 2)
+    plan = S.structured_plan(model, x1)
+    assert set(plan.generic) == set(setting.generic)
+    torch.testing.assert_close(structured(model, x1), brute_force_entk(model, x1), **TOL)
+    ref = brute_force_entk(model, x1, x2)
+    torch.testing.assert_close(structured(model, x1, x2), ref, **TOL)
+    torch.testing.assert_close(structured(model, x1, x2, trace_outputs=True, chunk_size=2),
+                               ref.diagonal(dim1=2, dim2=3).sum(-1), **TOL)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -91,7 +105,7 @@ def test_groups_match_jacobian(name, groups):
     model = MODELS[name]()
     x1, x2 = inputs_for(kind(name), 4, 1), inputs_for(kind(name), 3, 2)
     if groups == "split":  # weights and biases in different groups: no merged [W | b] blocks
-        groups = lambda n: n.rsplit(".", 1)[-1]  # noqa: E731
+        groups = lambda n: n.rsplit(".", 1)[-1]
     got = structured(model, x1, x2, groups=groups)
     want = ts.entk(model, x1, x2, implementation="jacobian", groups=groups)
     assert list(got) == list(want)
@@ -117,22 +131,6 @@ def test_precondition_matches_brute_force(name, route):
 
 
 # -- layers beyond the zoo -------------------------------------------------------------------
-class Tokens(nn.Module):
-    """Embeddings with repeated tokens, padding_idx, two lookups and a 3-d token batch."""
-
-    def __init__(self, p=3):
-        super().__init__()
-        self.emb = nn.Embedding(6, 4, padding_idx=0)
-        self.emb2 = nn.Embedding(6, 3, padding_idx=-1)
-        self.norm = nn.RMSNorm(4)
-        self.out = nn.Linear(4 + 3, p)
-
-    def forward(self, t):
-        h = self.norm(torch.tanh(self.emb(t))).mean(1)
-        g = self.emb2(t.flip(1)).sum(1) + self.emb2(t[:, :2]).prod(1)  # emb2 called twice
-        return self.out(torch.cat([h, g], -1))
-
-
 def test_embedding_repeated_tokens_and_padding(route):
     model = Tokens().double()
     x1 = torch.tensor([[1, 1, 0, 3], [5, 0, 0, 5], [2, 3, 2, 2]])
@@ -145,28 +143,6 @@ def test_embedding_repeated_tokens_and_padding(route):
     K = structured(model, torch.tensor([[0, 0, 0, 0], [5, 5, 5, 5]]), groups="layer")
     assert K["emb"][0, 0].abs().max() == 0 and K["emb"][1, 1].abs().max() > 0
     assert K["emb2"][1, 1].abs().max() == 0 and K["emb2"][0, 0].abs().max() > 0
-
-
-class Convs(nn.Module):
-    """Conv1d/2d with groups, dilation, stride, even kernels with 'same', reflect padding,
-    GroupNorm, eval BatchNorm2d, a bias-free conv and an in-place ReLU on a recorded output."""
-
-    def __init__(self, p=2):
-        super().__init__()
-        self.a = nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")
-        self.bn = nn.BatchNorm2d(4)
-        self.b = nn.Conv2d(4, 4, 2, padding="same", groups=2, bias=False)
-        self.gn = nn.GroupNorm(2, 4)
-        self.c = nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=2, groups=2)
-        self.d = nn.Conv1d(6, 3, 2, padding="same")
-        self.fc = nn.Linear(3 * 3 * 3, p)
-
-    def forward(self, x):
-        h = torch.tanh(self.bn(self.a(x)))
-        h = F.relu(self.b(h), inplace=True)
-        h = torch.tanh(self.c(self.gn(h)))
-        h = torch.tanh(self.d(h.flatten(2)))
-        return self.fc(h.flatten(1))
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own
@@ -183,25 +159,6 @@ def test_conv_variants_and_norms(route):
     torch.testing.assert_close(structured(model, x1, x2), brute_force_entk(model, x1, x2),
                                **TOL)
     torch.testing.assert_close(structured(model, x1), brute_force_entk(model, x1), **TOL)
-
-
-class Shared(nn.Module):
-    """One Linear applied twice (recurrently), one tied across two modules, one on positions."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(3, 5)
-        self.rec = nn.Linear(5, 5)
-        self.a = nn.Linear(5, 5, bias=False)
-        self.b = nn.Linear(5, 5, bias=False)
-        self.b.weight = self.a.weight
-        self.out = nn.Linear(5, 2)
-
-    def forward(self, x):
-        h = torch.tanh(self.inp(x))                    # (n, 4, 5): 4 positions
-        h = torch.tanh(self.rec(torch.tanh(self.rec(h))))
-        h = self.b(torch.tanh(self.a(h)))
-        return self.out(h.mean(1))
 
 
 def test_weight_sharing_is_exact(route):
@@ -272,7 +229,7 @@ def test_functional_model_with_supported_ops_and_float32():
                                atol=1e-4)
 
 
-# -- auto selection, plan cache and errors ------------------------------------------------------
+# -- auto selection, the plan per call and errors ---------------------------------------------
 def test_auto_prefers_jacobian_when_little_is_structured():
     class Custom(nn.Module):
         def __init__(self):
@@ -357,3 +314,46 @@ def test_memory_estimate_and_refusal_before_work():
         structured(model, x, memory_budget=est_s["output"] + 1000, chunk_size=64)
     with pytest.raises(ts.KernelTooLargeError, match="entk_topk"):
         structured(model, x, memory_budget=1000)
+
+
+def test_a_rule_registered_for_a_function_is_factored():
+    """A layer added once (``register_rule``) is factored by the structured eNTK: here an
+    elementwise scale ``x * w`` (``torch.Tensor.mul``), exact through the materialize route."""
+    from tangentscope.derivatives import LayerRule, register_rule
+
+    class ScaleRule(LayerRule):
+        kind = "scale"
+        roles = ("weight",)
+        arg_names = ("input", "weight")
+
+        def data(self, bound):
+            return {"x": bound["input"].detach()}
+
+        def sizes(self, data, z):
+            return z.shape[-1], 0, 1, data["x"].numel() // data["x"].shape[0]
+
+        def per_example(self, data, delta, roles):
+            return delta * data["x"].unsqueeze(1)
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+            self.w = nn.Parameter(torch.linspace(0.5, 2.0, 4))
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(torch.tanh(self.fc(x)).mul(self.w)))
+
+    model = Scaled().double()
+    x1, x2 = inputs_for("vec", 4, 1), inputs_for("vec", 3, 2)
+    assert "w" in S.structured_plan(model, x1).generic
+    register_rule(torch.Tensor.mul, ScaleRule())
+    try:
+        plan = S.structured_plan(model, x1)
+        assert not plan.generic and any(b.kind == "scale" for b in plan.blocks)
+        torch.testing.assert_close(structured(model, x1, x2), brute_force_entk(model, x1, x2),
+                                   **TOL)
+    finally:
+        register_rule(torch.Tensor.mul, None)
+    assert "w" in S.structured_plan(model, x1).generic

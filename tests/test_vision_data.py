@@ -10,9 +10,17 @@ import pytest
 import torch
 
 from tangentscope import ConfigError
-from tangentscope.data.vision import (binary_task, encode_targets, flip_labels, gaussian_mixture,
-                                      load_classification, mnist1d, mnist_subset, pca_features,
-                                      with_label_noise)
+from tangentscope.data.vision import (
+    binary_task,
+    encode_targets,
+    flip_labels,
+    gaussian_mixture,
+    load_classification,
+    mnist1d,
+    mnist_subset,
+    pca_features,
+    with_label_noise,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +49,7 @@ def test_flip_labels_flips_exactly_the_mask(fraction, p):
 
 def test_flip_labels_new_class_is_uniform_over_the_others():
     y = torch.zeros(30000, dtype=torch.int64)
-    yn, mask = flip_labels(y, 1.0, 4, seed=0)
+    yn, _mask = flip_labels(y, 1.0, 4, seed=0)
     counts = torch.bincount(yn, minlength=4).double() / 30000
     assert counts[0] == 0 and torch.allclose(counts[1:], torch.full((3,), 1 / 3).double(),
                                              atol=0.01)

@@ -1,15 +1,19 @@
-"""Small shared helpers: progress bars, byte formatting, dtype handling, seeding."""
+"""Small shared helpers: progress bars, byte formatting, seeding, memory, module modes and the
+process-wide forward-mode AD lock."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 import numpy as np
 import torch
+from torch import nn
 
 T = TypeVar("T")
 
@@ -81,3 +85,31 @@ def parse_bytes(text: str | int | float) -> int:
     if s and s[-1] in mult:
         return int(float(s[:-1]) * mult[s[-1]])
     return int(float(s))
+
+
+# Forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) keeps its dual level in
+# process-global state: two threads inside it at once fail with "Nested forward mode AD is not
+# supported". Every forward-mode section in tangentscope holds this lock (re-entrant, so nested
+# calls from one thread are fine).
+FORWARD_AD_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def forward_ad_section() -> Iterator[None]:
+    """Serialize a forward-mode AD section across threads (see :data:`FORWARD_AD_LOCK`)."""
+    with FORWARD_AD_LOCK:
+        yield
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode inside the block; afterwards each submodule's own
+    ``training`` flag is exactly what it was (a frozen ``bn.eval()`` inside a train-mode model
+    stays frozen; ``model.train(was)`` would not restore that)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, was in flags:
+            m.training = was

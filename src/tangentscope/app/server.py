@@ -4,7 +4,7 @@ Standard library only (``http.server.ThreadingHTTPServer``); every asset is serv
 ``app/static/`` (no CDN). Routes::
 
     GET  /                              the page
-    GET  /static/{index.html,app.js,style.css}
+    GET  /static/{index.html,app.js,plot.js,style.css}
     GET  /api/limits                    allowed control values, defaults, optimizers
     POST /api/sessions                  new session -> {"session": id, ...}    (503 when full)
     GET  /api/sessions/ID               latest status/step/config (JSON)
@@ -18,6 +18,7 @@ value), 404 (unknown session or path), 405, 413 or 503 (no free session slot).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -30,7 +31,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..demo import LIMITS, ControlError, DemoConfig, allowed, available_optimizers
+from ..errors import ConfigError
+from .model import LIMITS, ControlError, DemoConfig, allowed, available_optimizers, validate_config
 from .session import Session, SessionLimitError, SessionManager
 
 __all__ = ["AppServer", "make_server", "serve"]
@@ -38,9 +40,12 @@ __all__ = ["AppServer", "make_server", "serve"]
 STATIC = Path(__file__).with_name("static")
 _FILES = {"index.html": "text/html; charset=utf-8",
           "app.js": "text/javascript; charset=utf-8",
-          "style.css": "text/css; charset=utf-8"}
+          "plot.js": "text/javascript; charset=utf-8",
+          "style.css": "text/css; charset=utf-8",
+          "run.html": "text/html; charset=utf-8",      # the page of a recorded run (run_page)
+          "run.js": "text/javascript; charset=utf-8"}
 MAX_BODY = 16 * 1024
-DEFAULT_LR = {"adamw": 3e-3, "gated_adamw": 3e-3, "sgd": 0.05}
+DEFAULT_LR = {"adamw": 3e-3, "gated-streaming": 3e-3, "sgd": 0.05}
 
 
 class AppServer(ThreadingHTTPServer):
@@ -54,6 +59,11 @@ class AppServer(ThreadingHTTPServer):
             how quickly a closed tab is noticed).
         stream_buffer: socket send buffer (bytes) of an event stream: small, so that a slow
             client receives the newest frame rather than a backlog queued in the kernel.
+        request_timeout: seconds a connection may take to send a request line, headers or
+            body (an idle keep-alive connection, or a body shorter than its ``Content-Length``,
+            frees its thread after this long).
+        stream_timeout: seconds an event stream may wait for a client that reads nothing
+            before it is dropped (the page reconnects by itself).
     """
 
     daemon_threads = True
@@ -61,11 +71,14 @@ class AppServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], *, max_sessions: int = 4,
                  reap_after: float = 5.0, heartbeat: float = 1.0, stream_buffer: int = 64 * 1024,
+                 request_timeout: float = 10.0, stream_timeout: float = 60.0,
                  **session_kwargs: Any):
         super().__init__(address, _Handler)
         self.sessions = SessionManager(max_sessions, reap_after, **session_kwargs)
         self.heartbeat = heartbeat
         self.stream_buffer = stream_buffer
+        self.request_timeout = request_timeout
+        self.stream_timeout = stream_timeout
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._serving = False
@@ -76,7 +89,8 @@ class AppServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host = self.server_address[0]
+        addr = self.server_address[0]
+        host = addr.decode() if isinstance(addr, bytes) else str(addr)
         if host in ("0.0.0.0", "::", ""):
             host = socket.gethostname()
         return f"http://{host}:{self.port}/"
@@ -108,6 +122,7 @@ class AppServer(ThreadingHTTPServer):
 
 def make_server(host: str = "127.0.0.1", port: int = 0, *, max_sessions: int = 4,
                 reap_after: float = 5.0, heartbeat: float = 1.0, stream_buffer: int = 64 * 1024,
+                request_timeout: float = 10.0, stream_timeout: float = 60.0,
                 implementation: str = "auto", max_fps: float | None = 25.0) -> AppServer:
     """Bind the page's server (not yet serving: call ``.start()`` or ``.serve_forever()``).
 
@@ -117,12 +132,24 @@ def make_server(host: str = "127.0.0.1", port: int = 0, *, max_sessions: int = 4
         reap_after: seconds after its last event stream closes that a session is ended.
         heartbeat: seconds between keep-alive comments on an idle event stream.
         stream_buffer: send-buffer bytes per event stream (a slow client gets fresh frames).
+        request_timeout, stream_timeout: socket timeouts in seconds (see :class:`AppServer`).
         implementation: eNTK implementation for the spectrum (``"auto"``: the fastest).
         max_fps: cap on spectrum updates per second per session (``None``: uncapped).
+
+    Raises:
+        ConfigError: a port outside 0..65535, or one this process cannot listen on.
     """
-    return AppServer((host, port), max_sessions=max_sessions, reap_after=reap_after,
-                     heartbeat=heartbeat, stream_buffer=stream_buffer,
-                     implementation=implementation, max_fps=max_fps)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"port must be an integer in 0..65535 (0 picks a free one), got "
+                          f"{port!r}")
+    try:
+        return AppServer((host, port), max_sessions=max_sessions, reap_after=reap_after,
+                         heartbeat=heartbeat, stream_buffer=stream_buffer,
+                         request_timeout=request_timeout, stream_timeout=stream_timeout,
+                         implementation=implementation, max_fps=max_fps)
+    except OSError as e:  # in use, not permitted, or an unknown host
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another "
+                          "--port (0 picks a free one) or --host") from None
 
 
 def serve(host: str = "127.0.0.1", port: int = 0, open_browser: bool = True, *,
@@ -165,17 +192,21 @@ def _has_display() -> bool:
 
 
 def _open(webbrowser: Any, url: str) -> None:
-    try:
+    with contextlib.suppress(Exception):  # no browser is fine: the address was printed
         webbrowser.open(url)
-    except Exception:  # noqa: BLE001 - no browser is fine: the address was printed
-        pass
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: AppServer
     server_version = "tangentscope"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by default
+    def setup(self) -> None:
+        super().setup()
+        # a socket timeout: a client that stops sending (idle keep-alive, short body) frees
+        # this thread after ``request_timeout`` s instead of holding it for ever
+        self.connection.settimeout(self.server.request_timeout)
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet by default
         if os.environ.get("TANGENTSCOPE_HTTP_LOG"):
             super().log_message(format, *args)
 
@@ -199,29 +230,58 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": message, **extra})
 
     def _body(self) -> Any:
-        n = int(self.headers.get("Content-Length") or 0)
-        if n > MAX_BODY:
-            raise _HttpError(413, f"request body over {MAX_BODY} bytes")
-        raw = self.rfile.read(n) if n else b""
+        """The request's JSON value (``{}`` for an empty body; the routes check it is an
+        object, with a :class:`ControlError` naming the allowed values).
+
+        Raises:
+            _HttpError: 400 for a ``Content-Length`` that is not a non-negative integer, a body
+                shorter than it (or not sent within ``request_timeout``), or invalid or too
+                deeply nested JSON; 413 for a body over ``MAX_BODY``.
+        """
+        text = (self.headers.get("Content-Length") or "").strip()
+        if not text:
+            n = 0
+        elif not (text.isascii() and text.isdigit()):
+            raise _HttpError(400, f"Content-Length must be the body's size in bytes, a "
+                                  f"non-negative integer; got {text[:40]!r}")
+        elif len(text) > 12 or int(text) > MAX_BODY:
+            raise _HttpError(413, f"request body over {MAX_BODY} bytes (Content-Length "
+                                  f"{text[:40]}); send a small JSON object")
+        else:
+            n = int(text)
+        try:
+            raw = self.rfile.read(n) if n else b""
+        except TimeoutError:
+            raw = None
+        if raw is None or len(raw) < n:
+            self.close_connection = True
+            got = "no" if not raw else f"{len(raw)} of the"
+            raise _HttpError(400, f"the request body ended after {got} {n} bytes its "
+                                  "Content-Length announced (or did not arrive within "
+                                  f"{self.server.request_timeout:g} s): send the whole body")
         if not raw.strip():
             return {}
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise _HttpError(400, "the request body is not valid JSON: send an object such as "
                                   '{"noise": 0.5}') from None
+        except RecursionError:
+            raise _HttpError(400, "the request body nests JSON too deeply: send a flat object "
+                                  'such as {"noise": 0.5}') from None
+        return body
 
     # -- routing -------------------------------------------------------------------------------
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._route("GET")
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._route("HEAD")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._route("POST")
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._error(405, "use GET or POST")
 
     do_DELETE = do_PATCH = do_PUT
@@ -247,13 +307,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(503, str(e))
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             pass
-        except Exception as e:  # noqa: BLE001 - a bug: say so, keep serving
+        except Exception as e:  # a bug: say so, keep serving
             traceback.print_exc()
-            try:
+            with contextlib.suppress(OSError):
                 self._error(500, f"internal error ({type(e).__name__}: {e}); the server keeps "
                                  "running — please report this with the traceback it printed")
-            except OSError:
-                pass
 
     def _static(self, name: str) -> None:
         if name not in _FILES:
@@ -267,14 +325,10 @@ class _Handler(BaseHTTPRequestHandler):
         if parts == ["sessions"]:
             self._need(method, "POST")
             body = self._body()
-            cfg = DemoConfig()
-            if body:
-                from ..demo import validate_config
-
-                cfg = validate_config(body)
-            s = self.server.sessions.create(cfg)
-            return self._json(201, {"session": s.id, "config": _asdict(cfg),
-                                    "events": f"/api/sessions/{s.id}/events"})
+            cfg = DemoConfig() if body == {} else validate_config(body)
+            new = self.server.sessions.create(cfg)
+            return self._json(201, {"session": new.id, "config": _asdict(cfg),
+                                    "events": f"/api/sessions/{new.id}/events"})
         if len(parts) < 2 or parts[0] != "sessions":
             raise _HttpError(404, f"no API route /api/{'/'.join(parts)}")
         s = self.server.sessions.get(parts[1])
@@ -315,11 +369,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Accel-Buffering", "no")
         self.end_headers()
-        try:
+        with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
                                        self.server.stream_buffer)
-        except OSError:
-            pass
+            self.connection.settimeout(self.server.stream_timeout)
         s.attach()
         try:
             self.wfile.write(b"retry: 1000\n\n")

@@ -1,11 +1,11 @@
 """Live training sessions: one worker thread per page, latest-wins frames, reaping.
 
-A :class:`Session` owns a :class:`~tangentscope.demo.DemoTrainer` and a worker thread that
+A :class:`Session` owns a :class:`~tangentscope.app.model.DemoTrainer` and a worker thread that
 trains in chunks of ``steps_per_update`` steps, computes the eNTK spectrum after each chunk and
 publishes the result as one JSON frame into a single slot (*latest wins*): event streams read
 the newest frame whenever they are ready, so a slow browser drops frames instead of stalling
 training. Controls are validated in the caller's thread (bad values raise
-:class:`~tangentscope.demo.ControlError` and change nothing) and applied by the worker between
+:class:`~tangentscope.app.model.ControlError` and change nothing) and applied by the worker between
 chunks. :class:`SessionManager` caps the number of sessions and reaps those whose event streams
 have all been gone for ``reap_after`` seconds, joining their threads.
 """
@@ -21,9 +21,16 @@ import time
 import traceback
 from typing import Any
 
-from ..demo import (ControlError, DemoConfig, DemoTrainer, Snapshot, available_optimizers,
-                    numerical_zero, validate_config)
 from ..errors import NonFiniteError, TangentscopeError
+from .model import (
+    ControlError,
+    DemoConfig,
+    DemoTrainer,
+    Snapshot,
+    available_optimizers,
+    numerical_zero,
+    validate_config,
+)
 
 __all__ = ["Session", "SessionManager", "SessionLimitError"]
 
@@ -175,7 +182,7 @@ class Session:
                     self._apply(action, arg)
                 if self._running:
                     self._chunk()
-            except Exception as e:  # noqa: BLE001 - shown on the page; reset may recover
+            except Exception as e:  # shown on the page; reset may recover
                 traceback.print_exc()
                 self._running = False
                 self._publish(self._snap, "error", f"{type(e).__name__}: {e}")

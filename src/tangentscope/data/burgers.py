@@ -27,13 +27,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, ShapeError, UnsupportedModelError
+from ..models.mlp import Sine
+from ..optim import GradMoments
 
 __all__ = ["BURGERS_NU", "BurgersObservations", "BurgersPINN", "BurgersReference",
            "burgers_exact", "burgers_point_losses", "burgers_reference", "burgers_residual",
@@ -54,6 +56,17 @@ def _hermite(nodes: int) -> tuple[np.ndarray, np.ndarray]:
         raise ConfigError(f"Gauss–Hermite weights overflowed at {nodes} nodes; use fewer")
     with np.errstate(divide="ignore"):
         return z, np.log(w)
+
+
+@overload
+def burgers_exact(t: np.ndarray | float, x: np.ndarray | float, *, nu: float = ...,
+                  nodes: int = ..., return_dx: Literal[False] = ...) -> np.ndarray: ...
+
+
+@overload
+def burgers_exact(t: np.ndarray | float, x: np.ndarray | float, *, nu: float = ...,
+                  nodes: int = ..., return_dx: Literal[True]) -> tuple[np.ndarray, np.ndarray]:
+    ...
 
 
 def burgers_exact(t: np.ndarray | float, x: np.ndarray | float, *, nu: float = BURGERS_NU,
@@ -256,9 +269,6 @@ class BurgersPINN(nn.Module):
 
     def __init__(self, net: nn.Module):
         super().__init__()
-        from ..errors import UnsupportedModelError
-        from ..models.mlp import Sine
-
         if not isinstance(net, nn.Sequential):
             raise UnsupportedModelError(
                 f"BurgersPINN needs an nn.Sequential of Linear and Sine/Tanh layers, got "
@@ -325,8 +335,6 @@ class BurgersPINN(nn.Module):
         Raises:
             ConfigError: nothing was recorded, or the backward has not run.
         """
-        from ..optim.stats import GradMoments
-
         rec = self._record
         if not rec or any(not slot for _, _, slot in rec):
             raise ConfigError("grad_moments() needs record_statistics() before the forward and "
@@ -353,7 +361,8 @@ def _activation(layer: nn.Module, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h = torch.tanh(z)
         d1 = 1 - h * h
         return h, d1, -2 * h * d1
-    w = layer.w0                                              # Sine: sin(w z)
+    assert isinstance(layer, Sine)                            # Sine: sin(w z)
+    w = layer.w0
     s, c = torch.sin(w * z), torch.cos(w * z)
     return s, w * c, -(w * w) * s
 

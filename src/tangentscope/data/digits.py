@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from .vision import flip_labels
 
 __all__ = ["NoisyDigits", "noisy_digits"]
 
@@ -46,8 +47,6 @@ def noisy_digits(n_train: int = 1000, label_noise: float = 0.2, *, seed: int = 0
         ConfigError: ``n_train`` outside ``[10, 1787]`` or ``label_noise`` outside ``[0, 1)``.
     """
     from sklearn.datasets import load_digits
-
-    from .vision import flip_labels
 
     if not 10 <= n_train <= 1787:
         raise ConfigError(f"n_train must be in [10, 1787] (1,797 digits, >= 10 held out), "

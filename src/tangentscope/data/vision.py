@@ -173,8 +173,8 @@ def _stratified_split(y: np.ndarray, n_train: int, n_test: int, rng: np.random.G
     pools = [rng.permutation(np.nonzero(y == c)[0]) for c in classes]
     order = [idx for col in zip(*pools) for idx in col]  # c0, c1, ..., c0, c1, ...
     tail = [idx for pool in pools for idx in pool[min(len(p) for p in pools):]]
-    order = np.array(order + tail)
-    train, test = order[:n_train], order[n_train:n_train + n_test]
+    idx = np.array(order + tail)
+    train, test = idx[:n_train], idx[n_train:n_train + n_test]
     return rng.permutation(train), rng.permutation(test)
 
 

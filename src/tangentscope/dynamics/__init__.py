@@ -1,16 +1,41 @@
 """Dynamics: frozen-kernel flows; the recorder, trajectory operators and channel analysis."""
 
-from .channels import (ChannelSplit, ChannelTimeline, NoiseTransfer, VectorEnergy, Visibility,
-                       channel_timeline, label_noise_gradients, mode_visibility, noise_transfer,
-                       split_channels)
+from .channels import (
+                       ChannelSplit,
+                       ChannelTimeline,
+                       NoiseTransfer,
+                       VectorEnergy,
+                       Visibility,
+                       channel_timeline,
+                       label_noise_gradients,
+                       mode_visibility,
+                       noise_transfer,
+                       split_channels,
+)
 from .flow import FlowSolution, analytic_jump, eigh_kernel, integrate_flow, squared_loss_flow
-from .operators import (DISCRETIZATIONS, IdentityResiduals, WindowOperators,
-                        accumulate_operators, dissipation_gramian, identity_residuals, propagator,
-                        transfer_operator, window_operators)
+from .operators import (
+                       DISCRETIZATIONS,
+                       IdentityResiduals,
+                       WindowOperators,
+                       accumulate_operators,
+                       dissipation_gramian,
+                       identity_residuals,
+                       propagator,
+                       transfer_operator,
+                       window_operators,
+)
 from .recorder import KernelRecorder
 from .schedule import Schedule, at_steps, every, logspaced, manual
-from .spectrum import (KernelRotation, KernelSpectra, SpectralSchedule, kernel_alignment,
-                       kernel_rotation, kernel_spectra, residual, spectral_schedule)
+from .spectrum import (
+                       KernelRotation,
+                       KernelSpectra,
+                       SpectralSchedule,
+                       kernel_alignment,
+                       kernel_rotation,
+                       kernel_spectra,
+                       residual,
+                       spectral_schedule,
+)
 from .trajectory import KernelTrajectory
 
 __all__ = [

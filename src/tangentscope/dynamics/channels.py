@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
-from ..kernels.losses import get_loss
+from ..losses import get_loss
 from .operators import Discretization, accumulate_operators
 from .trajectory import KernelTrajectory
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..errors import ShapeError
 from ..kernels.entk import flatten_kernel
-from ..kernels.losses import OutputLoss, get_loss
+from ..losses import OutputLoss, get_loss
 
 __all__ = ["FlowSolution", "squared_loss_flow", "integrate_flow", "analytic_jump",
            "eigh_kernel"]

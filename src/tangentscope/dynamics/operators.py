@@ -33,6 +33,7 @@ for a scalar ``ψ(λ)``, so no ``B⁻¹`` and no non-symmetric matrix exponentia
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Iterator
 from typing import Literal
@@ -182,8 +183,8 @@ class _Interval:
 
 
 def _intervals(traj: KernelTrajectory, start: int, stop: int, scheme: str
-               ) -> Iterator[tuple[int, _Interval, float]]:
-    """``(k, maps of [τ_k, τ_{k+1}], ∫‖K_QQ‖ dτ over it)`` for ``k = start .. stop − 1``."""
+               ) -> Iterator[tuple[int, _Interval, float | None]]:
+    """``(k, maps of [τ_k, τ_{k+1}], ∫‖K_QQ‖ dτ over it or None)`` for ``k = start .. stop − 1``."""
     gram = traj.test_gram_norm
     nxt = None
     for k in range(start, stop):
@@ -195,7 +196,7 @@ def _intervals(traj: KernelTrajectory, start: int, stop: int, scheme: str
         if scheme == "midpoint":
             nxt = (traj.kernel(k + 1), traj.hessian(k + 1), traj.cross_kernel(k + 1))
             K, B = 0.5 * (cur[0] + nxt[0]), 0.5 * (cur[1] + nxt[1])
-            KQ = None if cur[2] is None else 0.5 * (cur[2] + nxt[2])
+            KQ = None if cur[2] is None or nxt[2] is None else 0.5 * (cur[2] + nxt[2])
             qq = None if gram is None else 0.5 * h * (gram[k] + gram[k + 1])
         else:
             K, B, KQ = cur
@@ -282,11 +283,9 @@ def window_operators(traj: KernelTrajectory, start: int = 0, stop: int | None = 
         ShapeError: not a window (``0 <= start < stop < len(traj)``).
         ConfigError: an unknown discretization.
     """
-    ops = None
-    for ops in accumulate_operators(traj, start, stop, discretization=discretization):
-        pass
-    assert ops is not None
-    return ops
+    # the last of the growing windows (the window is validated, so there is at least one)
+    return collections.deque(accumulate_operators(traj, start, stop,
+                                                  discretization=discretization), maxlen=1)[0]
 
 
 def propagator(traj: KernelTrajectory, start: int = 0, stop: int | None = None, *,

@@ -16,21 +16,27 @@ learning rate read from the optimizer at that step, so LR schedules are handled;
 groups with different learning rates enter the kernel as a diagonal preconditioner ``lr_g/lr_0``.
 For Adam-like optimizers the kernel is the preconditioned ``J D Jᵀ`` (see :func:`_adam_next`).
 
-Snapshots are computed in eval mode (dropout off, BatchNorm running statistics; the module's
-mode is restored) and in ``dtype`` (float64 by default), each written atomically to its own file
-with one fsynced index line, so an interrupted run loses at most the snapshot in flight; reopen
-it with ``resume=True`` to append.
+Snapshots are computed in eval mode (dropout off, BatchNorm running statistics; afterwards
+every submodule's own ``training`` flag is exactly what it was) and in ``dtype`` (float64 by
+default). They are stored through a :class:`~tangentscope.dynamics.store.TrajectoryStore`
+(records of kind ``"kernel"``): on disk each is written atomically to its own file with one
+fsync-ed index line, so an interrupted run loses at most the snapshot in flight; reopen it with
+``resume=True`` to append.
+
+Before anything is written the recorder sizes the recording (disk or RAM for the planned
+snapshots, and the eNTK working memory of one snapshot, estimated by
+:func:`~tangentscope.estimate_memory` with the very arguments :func:`~tangentscope.entk` gets)
+and refuses, naming what to change, if it does not fit.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import inspect
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +45,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp
 
-from .._utils import available_memory, format_bytes
-from ..errors import ConfigError, NonFiniteError, ShapeError
+from .._utils import available_memory, default_memory_budget, eval_mode, format_bytes, parse_bytes
+from ..errors import ConfigError, KernelTooLargeError, NonFiniteError, ShapeError
 from ..kernels.entk import entk, estimate_memory, flatten_kernel
 from ..kernels.functional import FunctionalModel, functionalize
-from ..kernels.losses import OutputLoss, get_loss
 from ..kernels.precondition import adam_preconditioner
+from ..losses import OutputLoss, get_loss
 from .schedule import Schedule, at_steps, every, logspaced, manual
-from .trajectory import KernelTrajectory, _append_line, _MemorySource, _write_npz, read_index
+from .store import TrajectoryStore
+from .trajectory import KernelTrajectory
 
 __all__ = ["KernelRecorder", "Schedule", "every", "logspaced", "at_steps", "manual"]
 
@@ -66,7 +73,9 @@ class KernelRecorder:
         schedule: :func:`every`, :func:`logspaced`, :func:`at_steps` or :func:`manual`
             (default ``every(10)``).
         run_dir: directory to stream snapshots to; ``None`` keeps them in memory.
-        total_steps: planned optimizer steps, for the size estimate.
+        total_steps: planned optimizer steps: the recording's total size is checked against
+            the free disk (or RAM) before training. Without it (``every(k)`` schedules) the
+            total is unknown: only one snapshot's size is checked, before each snapshot.
         precondition: ``'auto'`` (Adam/AdamW → ``'adam'``, else none), ``'adam'`` (``D`` the
             optimizer's next-step ``1/(√v̂ + ε)`` including the current full-batch gradient),
             ``'adam_state'`` (``D`` from the stored state only,
@@ -90,6 +99,8 @@ class KernelRecorder:
         ShapeError: inputs and targets that do not match.
         ConfigError: a run directory that already holds a run (pass ``resume=True``), a resume
             whose model does not match the recorded snapshot, or a run that would not fit on disk.
+        KernelTooLargeError: one snapshot's eNTK does not fit the memory budget.
+        All are raised before anything is written.
     """
 
     def __init__(self, model: nn.Module, x_train: Tensor, y_train: Tensor, *,
@@ -117,30 +128,31 @@ class KernelRecorder:
         self.save_preconditioner, self.on_snapshot = save_preconditioner, on_snapshot
         self.entk_options = dict(entk_options or {})
         self._extra = dict(extra_data or {})
-        self.x, self.y = self._inputs(x_train, y_train, "x_train", "y_train")
-        self.xq, self.yq = (None, None) if x_test is None else self._inputs(x_test, y_test,
-                                                                             "x_test", "y_test")
+        x, y = self._inputs(x_train, y_train, "x_train", "y_train")
+        assert y is not None
+        self.x: Tensor = x
+        self.y: Tensor = y
+        self.xq: Tensor | None = None
+        self.yq: Tensor | None = None
+        if x_test is not None:
+            self.xq, self.yq = self._inputs(x_test, y_test, "x_test", "y_test")
         self._names = self._param_names()
         self.precondition = self._resolve_precondition(precondition)
         self.path = None if run_dir is None else Path(run_dir)
         self.n, self.m = self.x.shape[0], 0 if self.xq is None else self.xq.shape[0]
-        with _eval_mode(model):
+        with eval_mode(model):
             fm = self._functional()
             self.p, self.num_params = fm.output_dim(self.x), fm.num_params
             self.estimate = self._estimate(fm, total_steps)
         lr0 = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else float("nan")
-        self._step, self._time, self._lr, self._dts = int(step or 0), 0.0, lr0, []
+        self._step, self._time, self._lr = int(step or 0), 0.0, lr0
+        self._dts: list[float] = []
         self._records: list[dict[str, Any]] = []
-        self._items: list[dict[str, Any]] = []
-        self._small: list[dict[str, Any]] = []
-        self._counter, self._hook = 0, None
+        self._hook = None
         if verbose:
             print(self._describe_estimate(), flush=True)
-        self._check_disk()
-        if resume:
-            self._resume(step)
-        else:
-            self._start()
+        self._check_fits()
+        self._store = self._resume(step) if resume else self._start()
         if optimizer is not None and attach:
             self._hook = optimizer.register_step_post_hook(self._on_optimizer_step)
         if not resume:
@@ -184,22 +196,18 @@ class KernelRecorder:
             return len(self._records) - 1
         arrays, scalars = self._compute()
         arrays["dts"] = np.asarray(self._dts, dtype=np.float64)
-        rec = {"index": len(self._records), "step": self._step, "time": self._time,
-               "lr": self._lr, **scalars, "wall": time.time()}
-        if self.path is not None:
-            rec["file"] = f"snapshots/{self._counter:06d}.npz"
-            rec["bytes"] = _write_npz(self.path / rec["file"], arrays)
-            self._counter += 1
-            _append_line(self.path / "index.jsonl", rec)
-        else:
-            self._items.append({k: torch.as_tensor(arrays[k]) for k in ("K_SS", "K_QS", "B",
-                                                                         "D") if k in arrays})
-            self._small.append({k: arrays[k] for k in ("u", "g", "U_Q", "dts") if k in arrays})
+        rec: dict[str, Any] = {"index": len(self._records), "step": self._step,
+                               "time": self._time, "lr": self._lr, **scalars,
+                               "wall": time.time()}
+        if self.estimate["planned_snapshots"] is None:
+            self._check_room()
+        rec = self._store.append(rec, arrays)
         self._records.append(rec)
         self._dts = []
+        index = int(rec["index"])
         if self.on_snapshot is not None:
-            self.on_snapshot(rec["index"], self._step)
-        return rec["index"]
+            self.on_snapshot(index, self._step)
+        return index
 
     def close(self, final: bool = True) -> None:
         """Detach from the optimizer; with ``final``, snapshot the current step if not done."""
@@ -211,11 +219,7 @@ class KernelRecorder:
 
     def trajectory(self) -> KernelTrajectory:
         """The snapshots so far as a :class:`KernelTrajectory`."""
-        if self.path is not None:
-            return KernelTrajectory.load(self.path)
-        data = {k: torch.as_tensor(v) for k, v in self._data_arrays().items()}
-        return KernelTrajectory._build(self._meta(), self._records, self._small, data, None,
-                                       _MemorySource(self._items))
+        return KernelTrajectory.from_store(self._store)
 
     def __enter__(self) -> KernelRecorder:
         return self
@@ -241,8 +245,18 @@ class KernelRecorder:
         return False
 
     # -- one snapshot ----------------------------------------------------------------------
+    def _entk_args(self, D: Mapping[str, Tensor] | None
+                   ) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+        """``(x1, x2, keywords)`` of the snapshot's :func:`entk` call (also what the memory
+        estimate is given): one call on train and probe inputs, so each example's Jacobian is
+        computed once."""
+        kw = {"precondition": D, "dtype": self.dtype, **self.entk_options}
+        if self.xq is None:
+            return self.x, None, kw
+        return torch.cat([self.x, self.xq]), None if self.test_gram else self.x, kw
+
     def _compute(self) -> tuple[dict[str, np.ndarray], dict[str, float | None]]:
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             fm = self._functional()
             x = self.x.to(self.dtype) if self.x.is_floating_point() else self.x
             with torch.no_grad():
@@ -252,22 +266,21 @@ class KernelRecorder:
                                      "training diverged (lower the learning rate)")
             g = self.loss.grad(u, self.y)
             D = self._preconditioner(fm, g)
-            opts = {"dtype": self.dtype, **self.entk_options}
             out: dict[str, Tensor] = {"u": u, "g": g, "B": self.loss.hessian(u, self.y)}
             sc: dict[str, float | None] = {"loss": float(self.loss.value(u, self.y)),
                                            "test_loss": None, "test_gram_norm": None}
             N = self.n * self.p
+            x1, x2, kw = self._entk_args(D)
+            K_full = entk(fm, x1, x2, **kw)
+            assert isinstance(K_full, Tensor)
+            K = flatten_kernel(K_full)
             if self.xq is None:
-                out["K_SS"] = flatten_kernel(entk(fm, self.x, precondition=D, **opts))
+                out["K_SS"] = K
             else:
                 with torch.no_grad():
                     out["U_Q"] = fm.apply(fm.params, self.xq)
                 if self.yq is not None:
                     sc["test_loss"] = float(self.loss.value(out["U_Q"], self.yq))
-                # one call, so each example's Jacobian is computed once
-                both = torch.cat([self.x, self.xq])
-                K = flatten_kernel(entk(fm, both, None if self.test_gram else self.x,
-                                        precondition=D, **opts))
                 out["K_SS"], out["K_QS"] = K[:N, :N], K[N:, :N]
                 if self.test_gram:
                     sc["test_gram_norm"] = float(torch.linalg.eigvalsh(K[N:, N:])[-1])
@@ -334,7 +347,7 @@ class KernelRecorder:
     def _full_gradient(self, fm: FunctionalModel, g: Tensor) -> dict[str, Tensor]:
         """``∇_w (loss_scale Φ) = loss_scale J_Sᵀ g`` on the whole training set."""
         x = self.x.to(self.dtype) if self.x.is_floating_point() else self.x
-        _, pull = vjp(lambda prm: fm.apply(prm, x), fm.params)
+        _, pull = vjp(lambda prm: fm.apply(prm, x), fm.params)[:2]
         return {k: v * self.loss_scale for k, v in pull(g)[0].items()}
 
     # -- storage ---------------------------------------------------------------------------
@@ -373,30 +386,24 @@ class KernelRecorder:
                 **({"y_test": self.yq} if self.yq is not None else {}), **self._extra}
         return {k: torch.as_tensor(v).detach().cpu().numpy() for k, v in data.items()}
 
-    def _start(self) -> None:
-        if self.path is None:
-            return
-        if (self.path / "trajectory.json").exists():
+    def _start(self) -> TrajectoryStore:
+        if self.path is not None and TrajectoryStore.exists(self.path):
             raise ConfigError(f"{self.path} already holds a recorded trajectory; pass resume=True "
                               "to append to it, or choose another run_dir")
-        (self.path / "snapshots").mkdir(parents=True, exist_ok=True)
-        _write_npz(self.path / "data.npz", self._data_arrays())
-        tmp = self.path / "trajectory.json.tmp"
-        tmp.write_text(json.dumps(self._meta(), indent=2))
-        os.replace(tmp, self.path / "trajectory.json")
+        return TrajectoryStore.create(self.path, self._meta(), self._data_arrays())
 
-    def _resume(self, step: int | None) -> None:
-        if self.path is None or not (self.path / "trajectory.json").exists():
+    def _resume(self, step: int | None) -> TrajectoryStore:
+        if self.path is None or not TrajectoryStore.exists(self.path):
             raise ConfigError(f"resume=True needs a run_dir holding a trajectory; {self.path} "
                               "has none (start without resume)")
-        meta = json.loads((self.path / "trajectory.json").read_text())
+        store = TrajectoryStore.open(self.path)
         mine = self._meta()
         for key in ("n", "p", "m", "loss", "num_params"):
-            if meta.get(key) != mine[key]:
-                raise ConfigError(f"{self.path} was recorded with {key}={meta.get(key)!r}, this "
-                                  f"recorder has {mine[key]!r}: resume with the same model and "
-                                  "data, or use a new run_dir")
-        recs = read_index(self.path)
+            if store.meta.get(key) != mine[key]:
+                raise ConfigError(f"{self.path} was recorded with {key}={store.meta.get(key)!r}, "
+                                  f"this recorder has {mine[key]!r}: resume with the same model "
+                                  "and data, or use a new run_dir")
+        recs = store.records()
         if not recs:
             raise ConfigError(f"{self.path} has no finished snapshot to resume from; delete it "
                               "and start again")
@@ -405,10 +412,9 @@ class KernelRecorder:
             raise ConfigError(f"no snapshot at step {step} in {self.path}; resume from one of "
                               f"the recorded steps {[r['step'] for r in recs][-5:]} (restore "
                               "the model checkpoint saved with that snapshot)")
-        with np.load(self.path / at["file"], allow_pickle=False) as z:
-            u_rec = torch.as_tensor(z["u"])
+        u_rec = torch.as_tensor(store.arrays(at, ["u"])["u"])
         x = self.x.to(self.dtype) if self.x.is_floating_point() else self.x
-        with _eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             fm = self._functional()
             u_now = fm.apply(fm.params, x)
         if not torch.allclose(u_now.to(u_rec.dtype), u_rec, rtol=1e-6, atol=1e-9):
@@ -417,16 +423,24 @@ class KernelRecorder:
                               f"(max |Δu| = {err:.3g}): restore the model (and optimizer) saved "
                               "with that snapshot before resuming, or pass step= for the "
                               "snapshot your checkpoint matches")
+        store.clean_temporaries()
         if at is not recs[-1]:
-            _append_line(self.path / "index.jsonl", {"truncate_after_step": at["step"]})
+            store.truncate_after(at["step"])
             recs = [r for r in recs if r["step"] <= at["step"]]
         self._records = recs
         self._step, self._time, self._lr = at["step"], at["time"], at["lr"]
-        nums = [int(f.name.split(".")[0]) for f in (self.path / "snapshots").glob("*.npz")]
-        self._counter = max(nums, default=-1) + 1
+        return store
 
     # -- estimates -------------------------------------------------------------------------
+    def _preconditioned(self) -> bool:
+        return self.precondition is not None or self._group_lrs_differ()
+
     def _estimate(self, fm: FunctionalModel, total_steps: int | None) -> dict[str, Any]:
+        """Bytes per snapshot, planned snapshots, and the eNTK memory of one snapshot."""
+        if total_steps is not None and (isinstance(total_steps, bool)
+                                        or not isinstance(total_steps, int) or total_steps < 0):
+            raise ConfigError(f"total_steps must be an integer >= 0 (or None), got "
+                              f"{total_steps!r}")
         item = torch.empty((), dtype=self.dtype).element_size()
         N, Mq = self.n * self.p, self.m * self.p
         floats = N * N + Mq * N + self.n * self.p * (self.p + 2) + Mq
@@ -434,32 +448,49 @@ class KernelRecorder:
             floats += self.num_params
         per = item * floats + 2048
         planned = self.schedule.planned(total_steps)
-        mem = estimate_memory(fm, self.x, implementation="jacobian", dtype=self.dtype)
-        ram = mem["total"] + item * (Mq * N + (Mq * Mq if self.test_gram else 0))
+        D = ({k: torch.ones_like(v) for k, v in fm.params.items()} if self._preconditioned()
+             else None)
+        x1, x2, kw = self._entk_args(D)
+        mem = _entk_memory(fm, x1, x2, kw)
+        ram = mem["total"] + (item * Mq * Mq if self.test_gram else 0)
         return {"bytes_per_snapshot": per, "planned_snapshots": planned,
                 "disk_bytes": None if planned is None else per * planned,
                 "ram_bytes": ram, "memory_mode_bytes": None if planned is None or self.path
-                else per * planned}
+                else per * planned, "entk": mem, "total_steps": total_steps}
 
     def _describe_estimate(self) -> str:
         e = self.estimate
         where = str(self.path) if self.path is not None else "memory"
         if e["planned_snapshots"] is None:
-            total = (f"{format_bytes(e['bytes_per_snapshot'])} per snapshot "
-                     "(pass total_steps= for a total)")
+            total = (f"{format_bytes(e['bytes_per_snapshot'])} per snapshot, total unknown "
+                     "(total_steps not given: the whole recording is not checked against the "
+                     f"{'free disk' if self.path is not None else 'available RAM'}, each "
+                     "snapshot is checked before it is written; pass total_steps= to check it "
+                     "all before training)")
         else:
             total = (f"{e['planned_snapshots']} snapshots × {format_bytes(e['bytes_per_snapshot'])}"
                      f" = {format_bytes(e['bytes_per_snapshot'] * e['planned_snapshots'])}")
         free = ""
         if self.path is not None:
             free = f" ({format_bytes(_free_disk(self.path))} free)"
+        impl = e["entk"].get("implementation")
         return (f"[tangentscope] KernelRecorder → {where}: {total}{free}; RAM ≈ "
-                f"{format_bytes(e['ram_bytes'])} while a snapshot is computed "
+                f"{format_bytes(e['ram_bytes'])} while a snapshot is computed"
+                f"{f' ({impl})' if impl else ''} "
                 f"(n={self.n}, p={self.p}, m={self.m}, {self.num_params:,} parameters, "
                 f"{self.schedule.describe()})")
 
-    def _check_disk(self) -> None:
+    def _check_fits(self) -> None:
+        """Refuse (before anything is written) a recording that does not fit."""
         e = self.estimate
+        budget = e["entk"]["budget"]
+        if e["ram_bytes"] > budget or e["entk"].get("fits") is False:
+            raise KernelTooLargeError(
+                f"one snapshot needs about {format_bytes(e['ram_bytes'])} of memory for its "
+                f"eNTK ({self.n + self.m} inputs × p={self.p}, {self.num_params:,} parameters), "
+                f"over the memory budget of {format_bytes(budget)}: use fewer training/probe "
+                "points, test_gram=False, dtype=torch.float32, or a larger "
+                "entk_options={'memory_budget': ...} (TANGENTSCOPE_MEMORY_BUDGET)")
         need = e["disk_bytes"] if self.path is not None else e["memory_mode_bytes"]
         if need is None:
             return
@@ -471,6 +502,44 @@ class KernelRecorder:
                 f"of {where} is left: snapshot less often (every(k) with a larger k, or "
                 "logspaced(total_steps, num)), use fewer training/probe points, dtype=float32, "
                 "or another run_dir")
+
+    def _check_room(self) -> None:
+        """With an unknown total, check before each snapshot that one more fits."""
+        per = self.estimate["bytes_per_snapshot"]
+        have = _free_disk(self.path) if self.path is not None else available_memory()
+        if per > have:
+            where = f"free disk at {self.path}" if self.path is not None else "available RAM"
+            raise ConfigError(
+                f"snapshot {len(self._records)} at step {self._step} needs "
+                f"{format_bytes(per)} but only {format_bytes(have)} of {where} is left (the "
+                "snapshots so far are kept): snapshot less often, pass total_steps= so the "
+                "recording is sized before training, or use another run_dir")
+
+
+def _entk_memory(fm: FunctionalModel, x1: Tensor, x2: Tensor | None,
+                 kw: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`estimate_memory` of the ``entk(fm, x1, x2, **kw)`` call a snapshot makes.
+
+    It gets the same keywords (those its signature takes). Where it does not plan chunks
+    itself (no ``memory_budget`` keyword), the chunk ``entk`` would choose is found the same
+    way ``entk`` does: the largest of ``n, n/2, n/4, ...`` examples that fits the budget.
+
+    Returns:
+        the estimate (``total`` bytes and ``chunk_size`` at least; ``implementation``,
+        ``fits`` where it reports them) with ``budget``.
+    """
+    params = inspect.signature(estimate_memory).parameters
+    takes_any = any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values())
+    passed = {k: v for k, v in kw.items() if takes_any or k in params}
+    mb = kw.get("memory_budget")
+    budget = parse_bytes(mb) if mb is not None else default_memory_budget()
+    est: dict[str, Any] = dict(estimate_memory(fm, x1, x2, **passed))
+    if not (takes_any or "memory_budget" in params) and kw.get("chunk_size") is None:
+        c = max(x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0])
+        while c > 1 and est["total"] > budget:
+            c //= 2
+            est = dict(estimate_memory(fm, x1, x2, **{**passed, "chunk_size": c}))
+    return {"budget": budget, **est}
 
 
 def _adam_next(optimizer: torch.optim.Optimizer, ids: Mapping[int, str], fm: FunctionalModel,
@@ -501,17 +570,6 @@ def _adam_next(optimizer: torch.optim.Optimizer, ids: Mapping[int, str], fm: Fun
     if missing:
         raise ShapeError(f"the optimizer has no Adam state for {sorted(missing)[:3]}")
     return D
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block (dropout off, BatchNorm running stats); the mode is restored."""
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
 
 
 def _free_disk(path: Path) -> int:

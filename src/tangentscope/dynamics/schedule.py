@@ -24,17 +24,29 @@ class Schedule:
 
     def due(self, step: int) -> bool:
         """Whether a snapshot is scheduled after optimizer step ``step``."""
-        if step in self.steps:
-            return True
-        return self.every > 0 and step >= self.start and (step - self.start) % self.every == 0
+        return step in self.steps or self._periodic(step)
 
     def planned(self, total_steps: int | None) -> int | None:
-        """Snapshots in steps ``0..total_steps`` (``None`` when that is unknown)."""
-        if self.every == 0:
-            return len(self.steps | {0})
+        """Snapshots in steps ``0..total_steps``, step 0 included (the recorder takes it when
+        it starts); ``None`` when that depends on an unknown ``total_steps``.
+
+        Counted in ``O(len(steps))``, whatever ``total_steps`` (``every(k)`` by arithmetic).
+        Listed steps after ``total_steps`` are not counted when it is known.
+        """
         if total_steps is None:
-            return None
-        return len({s for s in range(total_steps + 1) if self.due(s)} | {0})
+            if self.every:
+                return None
+            return len(self.steps | {0})
+        T = int(total_steps)
+        periodic = 0
+        if self.every and self.start <= T:
+            periodic = (T - self.start) // self.every + 1
+        extra = {s for s in self.steps | {0}
+                 if 0 <= s <= T and not self._periodic(s)}
+        return periodic + len(extra)
+
+    def _periodic(self, step: int) -> bool:
+        return self.every > 0 and step >= self.start and (step - self.start) % self.every == 0
 
     def describe(self) -> str:
         if self.every:

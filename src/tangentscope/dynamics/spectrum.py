@@ -6,7 +6,10 @@
   initialization: principal angles between top-``k`` eigenspaces and kernel alignment, on the
   centered, normalized Gram matrix (the essay's rotation surface);
 - :func:`spectral_schedule` — when each mode's residual fell below a fraction of its start,
-  against the frozen-kernel prediction ``ln(1/fraction) / (b λ_i)`` (squared loss ``B = b I``).
+  against the frozen-kernel prediction ``ln(1/fraction) / (b λ_i)`` (squared loss ``B = b I``);
+- :func:`kernel_motion` — how far the kernel moved in norm: ``‖K(t) − K(0)‖ / ‖K(0)‖`` in
+  operator and Frobenius norm (the abstract's "the kernel evolves O(1) in operator norm"), for
+  ``K_SS`` and ``K_QS``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from ..errors import ConfigError, ShapeError
 from .trajectory import KernelTrajectory
 
 __all__ = ["KernelSpectra", "kernel_spectra", "kernel_alignment", "KernelRotation",
-           "kernel_rotation", "SpectralSchedule", "spectral_schedule", "residual"]
+           "kernel_rotation", "SpectralSchedule", "spectral_schedule", "residual",
+           "KernelMotion", "kernel_motion", "relative_change"]
 
 
 def residual(traj: KernelTrajectory, k: int) -> Tensor:
@@ -235,3 +239,84 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     if ra.std() == 0 or rb.std() == 0:
         return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+# -- kernel motion ---------------------------------------------------------------------------
+def relative_change(A: Tensor, A0: Tensor, ord: str | int = 2) -> float:
+    """``‖A − A0‖ / ‖A0‖`` of two matrices (``ord=2``: operator norm, the largest singular
+    value; ``'fro'``: Frobenius). NaN when ``A0 = 0``."""
+    A, A0 = torch.as_tensor(A, dtype=torch.float64), torch.as_tensor(A0, dtype=torch.float64)
+    if A.shape != A0.shape or A.dim() != 2:
+        raise ShapeError(f"need two matrices of equal shape, got {tuple(A.shape)} and "
+                         f"{tuple(A0.shape)}")
+    if ord not in (2, "fro"):
+        raise ConfigError(f"ord must be 2 (operator norm) or 'fro', got {ord!r}")
+    den = float(torch.linalg.matrix_norm(A0, ord=ord))
+    return float(torch.linalg.matrix_norm(A - A0, ord=ord)) / den if den > 0 else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelMotion:
+    """How far ``K_SS(t)`` (and ``K_QS(t)``) moved from a reference snapshot.
+
+    Attributes:
+        indices, steps, times: ``(S,)`` snapshots analysed.
+        reference: the reference snapshot index.
+        operator: ``(S,)`` ``‖K(t) − K(ref)‖₂ / ‖K(ref)‖₂``.
+        frobenius: ``(S,)`` the same in Frobenius norm.
+        top_eigenvalue_ratio: ``(S,)`` ``λ_max(K(t)) / λ_max(K(ref))`` (growth of the scale).
+        alignment: ``(S,)`` uncentered kernel alignment with ``K(ref)`` (1 = same up to scale).
+        cross_operator: ``(S,)`` ``‖K_QS(t) − K_QS(ref)‖₂ / ‖K_QS(ref)‖₂``, or ``None``.
+    """
+
+    indices: np.ndarray
+    steps: np.ndarray
+    times: np.ndarray
+    reference: int
+    operator: np.ndarray
+    frobenius: np.ndarray
+    top_eigenvalue_ratio: np.ndarray
+    alignment: np.ndarray
+    cross_operator: np.ndarray | None
+
+    def final(self) -> dict[str, float]:
+        """The last snapshot's numbers."""
+        out = {"kernel_motion": float(self.operator[-1]),
+               "kernel_motion_fro": float(self.frobenius[-1]),
+               "kernel_scale_ratio": float(self.top_eigenvalue_ratio[-1]),
+               "kernel_alignment": float(self.alignment[-1])}
+        if self.cross_operator is not None:
+            out["cross_kernel_motion"] = float(self.cross_operator[-1])
+        return out
+
+
+def kernel_motion(traj: KernelTrajectory, *, reference: int = 0, every: int = 1
+                  ) -> KernelMotion:
+    """Relative change of ``K_SS`` (and ``K_QS``) from snapshot ``reference`` at every
+    ``every``-th snapshot (and the last).
+
+    Raises:
+        ConfigError: ``every < 1`` or a reference outside the run.
+    """
+    S = len(traj)
+    if not -S <= reference < S:
+        raise ConfigError(f"reference must be a snapshot index in [0, {S}), got {reference}")
+    ref = reference % S
+    K0 = traj.kernel(ref)
+    Q0 = traj.cross_kernel(ref)
+    top0 = float(torch.linalg.eigvalsh(0.5 * (K0 + K0.T))[-1])
+    idx = _indices(S, every)
+    op, fro, top, al, cr = [], [], [], [], []
+    for k in idx:
+        K = traj.kernel(k)
+        op.append(relative_change(K, K0, 2))
+        fro.append(relative_change(K, K0, "fro"))
+        top.append(float(torch.linalg.eigvalsh(0.5 * (K + K.T))[-1]) / top0
+                   if top0 > 0 else float("nan"))
+        al.append(kernel_alignment(K, K0))
+        Q = traj.cross_kernel(k)
+        if Q0 is not None and Q is not None:
+            cr.append(relative_change(Q, Q0, 2))
+    return KernelMotion(np.array(idx), traj.steps[idx], traj.times[idx], ref, np.array(op),
+                        np.array(fro), np.array(top), np.array(al),
+                        np.array(cr) if Q0 is not None else None)

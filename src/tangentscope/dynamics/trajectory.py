@@ -15,19 +15,14 @@ learning rates of the steps taken so far, times the loss scale):
 Small per-snapshot arrays live in memory; kernels are loaded on demand (one file per snapshot on
 disk), so operators over long runs need RAM for a few ``N × N`` matrices only.
 
-On-disk layout (``run_dir``)::
-
-    trajectory.json        n, p, m, loss, dtype, preconditioned, schedule, model size
-    data.npz               x, y, x_test, y_test (+ anything passed as extra data)
-    index.jsonl            one line per snapshot (appended and fsynced after its file is in place)
-    snapshots/000007.npz   K_SS, K_QS, u, g, B, U_Q, dts (and D when saved) of snapshot 7
+Storage is :mod:`tangentscope.dynamics.store` (a directory or memory; the on-disk layout is
+documented there): this module reads records of kind ``"kernel"`` through a
+:class:`~tangentscope.dynamics.store.TrajectoryStore` and knows nothing of files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,93 +31,44 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, ShapeError
-from ..io import to_jsonable
+from ..errors import ConfigError, DamagedFileError, ShapeError
+from ..kernels.entk import flatten_kernel
+from .store import INDEX_FIX as _INDEX_FIX
+from .store import TrajectoryStore
 
-__all__ = ["KernelTrajectory", "read_index"]
+__all__ = ["KernelTrajectory", "read_index", "KERNEL_ARRAYS", "SMALL_ARRAYS"]
 
-_ARRAYS = ("K_SS", "K_QS", "B", "D")
-
-
-def read_index(path: Path) -> list[dict[str, Any]]:
-    """Snapshot records of ``path/index.jsonl`` in order, honouring truncation markers.
-
-    A line cut by a crash is dropped, as is a record whose snapshot file is missing. A line
-    ``{"truncate_after_step": s}`` (written when a run is resumed from an earlier snapshot)
-    discards the records after step ``s``.
-    """
-    f = path / "index.jsonl"
-    out: list[dict[str, Any]] = []
-    if not f.exists():
-        return out
-    for line in f.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "truncate_after_step" in rec:
-            out = [r for r in out if r["step"] <= rec["truncate_after_step"]]
-        elif (path / rec["file"]).exists():
-            out.append(rec)
-    return out
+#: arrays of a snapshot loaded when a trajectory is opened (``O(n p)`` each)
+SMALL_ARRAYS = ("u", "g", "U_Q", "dts")
+#: arrays of a snapshot loaded on demand (``O(N²)``, ``O(P)``)
+KERNEL_ARRAYS = ("K_SS", "K_QS", "B", "D")
 
 
-def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> int:
-    """Write ``arrays`` to ``path`` atomically (temp file, fsync, rename); returns its size."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path.stat().st_size
+def read_index(path: str | Path) -> list[dict[str, Any]]:
+    """The snapshot records of the recording in ``path`` (see
+    :meth:`~tangentscope.dynamics.store.TrajectoryStore.records`)."""
+    return TrajectoryStore.open(path).records()
 
 
-def _append_line(path: Path, record: Mapping[str, Any]) -> None:
-    # a line cut by a crash has no newline: start on a fresh line so this one stays readable
-    cut = False
-    if path.exists() and path.stat().st_size > 0:
-        with path.open("rb") as fh:
-            fh.seek(-1, os.SEEK_END)
-            cut = fh.read(1) != b"\n"
-    with path.open("a") as fh:
-        fh.write(("\n" if cut else "") + json.dumps(to_jsonable(dict(record))) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+class _Snapshots:
+    """The big arrays of the records ``recs`` of ``store``, loaded on demand."""
 
-
-class _DiskSource:
-    """Loads snapshot arrays from ``snapshots/*.npz`` with a two-entry cache."""
-
-    def __init__(self, root: Path, files: Sequence[str]):
-        self.root, self.files = root, list(files)
-        self._cache: dict[int, dict[str, np.ndarray]] = {}
-
-    def get(self, k: int, name: str) -> np.ndarray | None:
-        if k not in self._cache:
-            if len(self._cache) >= 2:
-                self._cache.pop(next(iter(self._cache)))
-            with np.load(self.root / self.files[k], allow_pickle=False) as z:
-                self._cache[k] = {key: z[key] for key in z.files if key in _ARRAYS}
-        return self._cache[k].get(name)
-
-    def subset(self, idx: Sequence[int]) -> _DiskSource:
-        return _DiskSource(self.root, [self.files[i] for i in idx])
-
-
-class _MemorySource:
-    """Snapshot arrays held in memory (``run_dir=None`` recordings and synthetic trajectories)."""
-
-    def __init__(self, items: Sequence[Mapping[str, Any]]):
-        self.items = list(items)
+    def __init__(self, store: TrajectoryStore, recs: Sequence[Mapping[str, Any]]):
+        self.store, self.recs = store, list(recs)
 
     def get(self, k: int, name: str) -> Any:
-        return self.items[k].get(name)
+        return self.store.array(self.recs[k], name)
 
-    def subset(self, idx: Sequence[int]) -> _MemorySource:
-        return _MemorySource([self.items[i] for i in idx])
+    def subset(self, idx: Sequence[int]) -> _Snapshots:
+        return _Snapshots(self.store, [self.recs[i] for i in idx])
+
+
+def _incomplete(store: TrajectoryStore, rec: Mapping[str, Any], what: str) -> Exception:
+    """The error for a snapshot that lacks arrays every kernel snapshot has."""
+    if store.path is not None and "file" in rec:
+        return DamagedFileError(store.path / rec["file"], f"it has no {what}", _INDEX_FIX)
+    return ShapeError(f"snapshot at step {rec.get('step')} has no {what}: every snapshot of a "
+                      "trajectory needs them (pass them to from_arrays)")
 
 
 def _t64(x: Any) -> Tensor:
@@ -196,7 +142,8 @@ class KernelTrajectory:
     def kernel(self, k: int) -> Tensor:
         """Stacked ``K_SS`` ``(N, N)`` of snapshot ``k`` (float64)."""
         K = self._array(k, "K_SS")
-        assert K is not None
+        if K is None:
+            raise _incomplete(self._source.store, self._source.recs[k % len(self)], "K_SS")
         return K
 
     def cross_kernel(self, k: int) -> Tensor | None:
@@ -206,7 +153,8 @@ class KernelTrajectory:
     def hessian(self, k: int) -> Tensor:
         """Loss-Hessian blocks ``B`` ``(n, p, p)`` of snapshot ``k``."""
         B = self._array(k, "B")
-        assert B is not None
+        if B is None:
+            raise _incomplete(self._source.store, self._source.recs[k % len(self)], "B")
         return B
 
     def hessian_scale(self, k: int = 0) -> float | None:
@@ -265,33 +213,45 @@ class KernelTrajectory:
         """Load a trajectory a :class:`KernelRecorder` wrote to ``path``.
 
         Raises:
-            ConfigError: ``path`` holds no recorded trajectory.
+            ConfigError: ``path`` holds no recorded trajectory, or no finished snapshot yet.
+            DamagedFileError: a file of the recording is truncated or garbled (the message
+                names it and the fix).
         """
-        root = Path(path)
-        if not (root / "trajectory.json").exists():
-            raise ConfigError(f"{root} holds no recorded trajectory (no trajectory.json); pass "
-                              "the run_dir given to KernelRecorder")
-        meta = json.loads((root / "trajectory.json").read_text())
-        recs = read_index(root)
-        if not recs:
-            raise ConfigError(f"{root} has no finished snapshot yet")
-        small = []
-        for r in recs:
-            with np.load(root / r["file"], allow_pickle=False) as z:
-                small.append({k: z[k] for k in ("u", "g", "U_Q", "dts") if k in z.files})
-        with np.load(root / "data.npz", allow_pickle=False) as z:
-            data = {k: torch.as_tensor(z[k]) for k in z.files}
-        return cls._build(meta, recs, small, data, root, _DiskSource(root, [r["file"] for r in
-                                                                             recs]))
+        traj = cls.from_store(TrajectoryStore.open(path))
+        # the recorder stores one time increment per optimizer step since the snapshot before:
+        # a record lost from the middle of the index would show here
+        for k in range(1, len(traj)):
+            gap = int(traj.steps[k] - traj.steps[k - 1])
+            if len(traj.dts[k]) != gap:
+                raise DamagedFileError(
+                    Path(path) / "index.jsonl", f"the snapshot at step {traj.steps[k]} follows "
+                    f"step {traj.steps[k - 1]} but holds {len(traj.dts[k])} step increments, not "
+                    f"{gap}: a record between them is missing or garbled", _INDEX_FIX)
+        return traj
 
     @classmethod
-    def _build(cls, meta: Mapping[str, Any], recs: Sequence[Mapping[str, Any]],
-               small: Sequence[Mapping[str, Any]], data: Mapping[str, Tensor], path: Path | None,
-               source: Any) -> KernelTrajectory:
+    def from_store(cls, store: TrajectoryStore) -> KernelTrajectory:
+        """The ``"kernel"`` records of ``store`` as a trajectory (small arrays read now, kernels
+        on demand).
+
+        Raises:
+            ConfigError: the store has no finished snapshot yet.
+        """
+        recs = store.records("kernel")
+        if not recs:
+            where = store.path if store.path is not None else "the recording"
+            raise ConfigError(f"{where} has no finished snapshot yet: load it once the "
+                              "recorder has taken one (it does at creation), or, if it was "
+                              "interrupted before that, delete it and record again")
+
         def col(name: str, default: float = np.nan) -> np.ndarray:
             return np.array([default if r.get(name) is None else r[name] for r in recs],
                             dtype=float)
 
+        small = [store.arrays(r, SMALL_ARRAYS) for r in recs]
+        for r, a in zip(recs, small):
+            if "u" not in a or "g" not in a or ("U_Q" in small[0]) != ("U_Q" in a):
+                raise _incomplete(store, r, "u, g (and U_Q)")
         has_q = "U_Q" in small[0]
         gram = col("test_gram_norm")
         return cls(
@@ -302,7 +262,9 @@ class KernelTrajectory:
             U_Q=torch.stack([_t64(s["U_Q"]) for s in small]) if has_q else None,
             dts=tuple(np.asarray(s.get("dts", np.zeros(0)), dtype=float) for s in small),
             test_gram_norm=None if np.isnan(gram).all() else gram,
-            meta=dict(meta), data=dict(data), path=path, _source=source)
+            meta={k: v for k, v in store.meta.items() if k != "format"},
+            data={k: torch.as_tensor(v) for k, v in store.data().items()}, path=store.path,
+            _source=_Snapshots(store, recs))
 
     @classmethod
     def from_arrays(cls, times: Sequence[float] | np.ndarray, K_SS: Sequence[Tensor],
@@ -325,8 +287,6 @@ class KernelTrajectory:
             steps: optimizer steps (default ``0..S−1``).
             dts: per-step time increments between snapshots (default: one step per interval).
         """
-        from ..kernels.entk import flatten_kernel
-
         S = len(times)
         t = np.asarray(times, dtype=float)
         if len(K_SS) != S or len(u) != S or len(g) != S or len(B) != S or len(loss) != S:
@@ -335,28 +295,27 @@ class KernelTrajectory:
             raise ShapeError("times must be non-decreasing")
         if (K_QS is None) != (U_Q is None):
             raise ShapeError("pass both K_QS and U_Q (test outputs), or neither")
+        if steps is not None and len(steps) != S:
+            raise ShapeError(f"steps has {len(steps)} entries for {S} snapshots")
         u2 = [_t64(x).reshape(_t64(x).shape[0], -1) for x in u]
         n, p = u2[0].shape
         if dts is None:
             dts = [[]] + [[b - a] for a, b in zip(t, t[1:])]
-        items = []
-        for k in range(S):
+        m = 0 if U_Q is None else _t64(U_Q[0]).reshape(-1, p).shape[0]
+        store = TrajectoryStore.create(None, {"n": n, "p": p, "m": m, "loss": "unknown",
+                                              "preconditioned": False, **dict(meta or {})},
+                                       dict(data or {}))
+        for k, s in enumerate(steps if steps is not None else range(S)):
             K = flatten_kernel(_t64(K_SS[k]))
             if K.shape != (n * p, n * p):
                 raise ShapeError(f"K_SS[{k}] is {tuple(K.shape)} stacked, need {(n * p, n * p)}")
-            it = {"K_SS": K, "B": _t64(B[k]).reshape(n, p, p)}
-            if K_QS is not None:
-                it["K_QS"] = flatten_kernel(_t64(K_QS[k]))
-            items.append(it)
-        recs = [{"step": int(s), "time": float(tk), "lr": float("nan"), "loss": float(lk),
-                 "test_loss": None,
-                 "test_gram_norm": None if test_gram_norm is None else float(test_gram_norm[k])}
-                for k, (s, tk, lk) in enumerate(zip(steps if steps is not None else range(S), t,
-                                                    loss))]
-        small = [{"u": u2[k], "g": _t64(g[k]).reshape(n, p), "dts": np.asarray(dts[k], float),
-                  **({"U_Q": _t64(U_Q[k]).reshape(-1, p)} if U_Q is not None else {})}
-                 for k in range(S)]
-        m = 0 if U_Q is None else small[0]["U_Q"].shape[0]
-        full_meta = {"n": n, "p": p, "m": m, "loss": "unknown", "preconditioned": False,
-                     **dict(meta or {})}
-        return cls._build(full_meta, recs, small, dict(data or {}), None, _MemorySource(items))
+            arrays = {"K_SS": K, "B": _t64(B[k]).reshape(n, p, p), "u": u2[k],
+                      "g": _t64(g[k]).reshape(n, p), "dts": np.asarray(dts[k], float)}
+            if K_QS is not None and U_Q is not None:
+                arrays["K_QS"] = flatten_kernel(_t64(K_QS[k]))
+                arrays["U_Q"] = _t64(U_Q[k]).reshape(-1, p)
+            store.append({"index": k, "step": int(s), "time": float(t[k]), "lr": float("nan"),
+                          "loss": float(loss[k]), "test_loss": None,
+                          "test_gram_norm": None if test_gram_norm is None
+                          else float(test_gram_norm[k])}, arrays)
+        return cls.from_store(store)

@@ -3,8 +3,17 @@
 Run one with ``tangentscope run NAME [--preset smoke|full] [--seed N] [--field value ...]``.
 """
 
-from ._framework import (Experiment, compare, get_experiment, list_experiments, make_config,
-                         plot_run, register, run_experiment)
+from ._framework import (
+    Experiment,
+    compare,
+    get_experiment,
+    list_experiments,
+    make_config,
+    parse_overrides,
+    plot_run,
+    register,
+    run_experiment,
+)
 
 __all__ = ["Experiment", "compare", "get_experiment", "list_experiments", "make_config",
-           "plot_run", "register", "run_experiment"]
+           "parse_overrides", "plot_run", "register", "run_experiment"]

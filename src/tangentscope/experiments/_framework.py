@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DamagedFileError
 from ..io import RunDir, to_jsonable
 
 __all__ = [
@@ -78,9 +78,8 @@ def register(experiment: Experiment) -> Experiment:
 
 
 def _module_names() -> list[str]:
-    from . import __path__ as pkg_path
-
-    return sorted(m.name for m in pkgutil.iter_modules(pkg_path) if not m.name.startswith("_"))
+    here = [str(Path(__file__).parent)]
+    return sorted(m.name for m in pkgutil.iter_modules(here) if not m.name.startswith("_"))
 
 
 def list_experiments() -> dict[str, Experiment]:
@@ -118,9 +117,9 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        if (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))) \
+                and type(None) in args:
+            return None
         for a in args:
             if a is type(None):
                 continue
@@ -157,7 +156,7 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
                     raise ValueError
                 return int(f)
             return tp(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int("inf")
             raise ConfigError(f"--{field} expects {tp.__name__}, got {value!r}") from None
     return value
 
@@ -227,49 +226,182 @@ def _default_out(name: str, preset: str | None, cfg: Any) -> Path:
 
 
 # -- running ------------------------------------------------------------------------------------
-def run_experiment(name: str, *, preset: str | None = "smoke",
+DEFAULT_PRESET = "smoke"
+_BOOKKEEPING = {"config.json", "env.json", "status.json"}
+
+
+def run_experiment(name: str | None, *, preset: str | None = DEFAULT_PRESET,
                    overrides: Mapping[str, Any] | None = None, out: str | Path | None = None,
                    resume: str | Path | None = None, plot: bool = True, quiet: bool = False
                    ) -> RunDir:
     """Run (or resume) an experiment into a run directory and return it.
 
+    Resuming (``resume=DIR``, ``tangentscope run --resume DIR``) continues the run with the
+    configuration saved in ``DIR/config.json``; nothing given here may contradict it:
+
+    - ``name``, if given, must be the saved experiment;
+    - every override (``--seed``, ``--field value``) must equal the saved value — a different
+      value is refused (start a new run with ``--out`` to change it), an equal one is accepted;
+    - ``preset``, if it is not the default ``"smoke"``, must be the saved preset. The default
+      cannot be told from "not given" (the CLI passes it), so a resumed run whose saved preset
+      differs only prints which preset it resumes with.
+
+    A resumed run first drops the ``metrics.csv`` rows logged after its last commit point
+    (:meth:`RunDir.discard_uncommitted`; not for a run that had completed), so rows are never
+    duplicated. ``wall_seconds`` in the summary is the total over the sessions that ended
+    (the first run and every resume; a session killed by a signal cannot count its time), so
+    resuming a finished run adds the few seconds of the resume, never replaces the total.
+
+    A fresh run whose ``run`` raises before it has written any result (a value rejected while
+    validating, say) leaves no directory behind: the files written here are removed again.
+
     Args:
-        name: experiment name (``tangentscope list``).
+        name: experiment name (``tangentscope list``); may be None with ``resume``.
         preset: ``smoke``, ``full`` or ``None`` (the dataclass defaults).
         overrides: field → value (strings are coerced to the field's type).
         out: run directory to create (default ``runs/<name>/<time>-<preset>-seed<N>``).
         resume: an existing run directory to continue; its saved config is used.
         plot: write figures at the end.
+        quiet: print nothing.
+
+    Raises:
+        ConfigError: an unknown experiment, preset or field; a bad value; an existing ``out``;
+            a resume that contradicts the saved run (the message names the fix).
+        DamagedFileError: a resumed run's ``config.json`` is damaged.
     """
+    prior, created = 0.0, None
     if resume is not None:
         rd = RunDir.open(resume)
-        saved = rd.read_config()
-        exp = get_experiment(saved["experiment"])
-        cfg = make_config(exp.config, saved["config"])
-        rd.set_status("running", resumed=True)
+        exp, cfg, prev = _check_resume(rd, name, preset, overrides or {}, quiet)
+        prior = _prior_seconds(rd, prev)
+        if prev == "complete":
+            rd.verify_cells()
+        else:
+            dropped = rd.discard_uncommitted()
+            if dropped and not quiet:
+                print(f"[tangentscope] {rd.path}: dropped {dropped} metrics.csv row(s) of "
+                      "unfinished work (it is done again)", flush=True)
+        rd.set_status("running", resumed=True, wall_seconds=prior)
     else:
+        if name is None:
+            raise ConfigError("run_experiment needs an experiment name (or resume=RUN_DIR)")
         exp = get_experiment(name)
         cfg = resolve_config(exp, preset, overrides or {})
-        rd = RunDir.create(out or _default_out(exp.name, preset, cfg), cfg,
-                           meta={"experiment": exp.name, "preset": preset})
+        target = Path(out) if out is not None else _default_out(exp.name, preset, cfg)
+        created = _new_paths(target)
+        rd = RunDir.create(target, cfg, meta={"experiment": exp.name, "preset": preset})
     if not quiet:
         print(f"[tangentscope] {exp.name}: writing to {rd.path}", flush=True)
     t0 = time.perf_counter()
     try:
         summary = dict(exp.run(cfg, rd))
     except BaseException as e:
+        if created is not None and isinstance(e, Exception) and _remove_if_empty(rd, created):
+            raise
         rd.set_status("failed" if not isinstance(e, KeyboardInterrupt) else "interrupted",
-                      error=repr(e))
+                      error=repr(e), wall_seconds=prior + time.perf_counter() - t0)
         raise
-    summary.setdefault("wall_seconds", time.perf_counter() - t0)
+    total = prior + time.perf_counter() - t0
+    summary.setdefault("wall_seconds", total)
     rd.write_summary(summary)
     if plot:
         plot_run(rd)
-    rd.set_status("complete")
+    rd.set_status("complete", wall_seconds=total)
     if not quiet:
         print(json.dumps(to_jsonable(_headline(summary)), indent=2))
         print(f"[tangentscope] done: {rd.path}", flush=True)
     return rd
+
+
+def _check_resume(rd: RunDir, name: str | None, preset: str | None,
+                  overrides: Mapping[str, Any], quiet: bool) -> tuple[Experiment, Any, str | None]:
+    """The saved experiment and config of ``rd``, after checking that ``name``, ``preset`` and
+    ``overrides`` agree with them; also the status the run had."""
+    saved = rd.read_config()
+    fix = f"resume it with `tangentscope run --resume {rd.path}` and no other options"
+    if saved.get("kind") == "compare":
+        raise ConfigError(f"{rd.path} is a compare directory: continue it with "
+                          f"`tangentscope compare --resume {rd.path}`")
+    if not isinstance(saved.get("experiment"), str) or not isinstance(saved.get("config"), dict):
+        raise ConfigError(f"{rd.path}/config.json names no experiment and config: it was not "
+                          "written by `tangentscope run` (or was edited); restore it from a copy, "
+                          "or start a new run with --out")
+    exp = get_experiment(saved["experiment"])
+    if name is not None and get_experiment(name).name != exp.name:
+        raise ConfigError(f"{rd.path} holds a run of {exp.name!r}, not {name!r}: {fix}, or "
+                          f"start a new {name} run with --out")
+    saved_preset = saved.get("preset")
+    if preset != saved_preset:
+        if preset != DEFAULT_PRESET:
+            raise ConfigError(f"{rd.path} was run with preset {saved_preset!r}, not {preset!r}; "
+                              f"a resumed run keeps its configuration: {fix}, or start a new "
+                              "run with --out")
+        if not quiet:
+            print(f"[tangentscope] resuming {rd.path} with its saved preset {saved_preset!r}",
+                  flush=True)
+    hints = typing.get_type_hints(exp.config)
+    fields = {f.name for f in dataclasses.fields(exp.config)}
+    diffs = []
+    for k, v in overrides.items():
+        key = k.replace("-", "_")
+        if key not in fields:
+            raise ConfigError(f"unknown config field --{k} for {exp.name}; fields: "
+                              f"{', '.join(sorted(fields))}")
+        want = to_jsonable(_coerce(v, hints[key], key))
+        if want != saved["config"].get(key):
+            diffs.append(f"--{key} {v} (saved: {saved['config'].get(key)!r})")
+    if diffs:
+        raise ConfigError(f"{rd.path} was run with a different configuration than "
+                          f"{', '.join(diffs)}; a resumed run keeps the configuration it was "
+                          f"started with: {fix}, or start a new run with --out to change it")
+    cfg = make_config(exp.config, saved["config"])
+    try:
+        prev = rd.status
+    except DamagedFileError:
+        prev = None
+    return exp, cfg, prev
+
+
+def _prior_seconds(rd: RunDir, prev: str | None) -> float:
+    """Seconds the earlier sessions of ``rd`` spent in ``run`` (those that ended)."""
+    try:
+        rec = rd.status_record()
+        if isinstance(rec.get("wall_seconds"), (int, float)):
+            return float(rec["wall_seconds"])
+        if prev == "complete":
+            w = rd.read_summary().get("wall_seconds")
+            return float(w) if isinstance(w, (int, float)) else 0.0
+    except DamagedFileError:
+        pass
+    return 0.0
+
+
+def _new_paths(target: Path) -> list[Path]:
+    """``target`` and its parents that do not exist yet (what creating it adds)."""
+    out, p = [], target
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def _remove_if_empty(rd: RunDir, created: list[Path]) -> bool:
+    """Remove the run directory ``RunDir.create`` just made if ``run`` wrote no result into it
+    (only config/env/status and temporary files); returns whether it did."""
+    files = [f for f in rd.path.rglob("*") if not f.is_dir()]
+    if any(f.parent != rd.path or (f.name not in _BOOKKEEPING and not f.name.endswith(".tmp"))
+           for f in files):
+        return False
+    for f in files:
+        f.unlink(missing_ok=True)
+    for d in sorted((d for d in rd.path.rglob("*") if d.is_dir()), reverse=True):
+        d.rmdir()
+    for d in created:            # innermost first; stop at a directory something else uses
+        try:
+            d.rmdir()
+        except OSError:
+            break
+    return True
 
 
 def _headline(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -327,7 +459,12 @@ def compare(name: str, vary: Mapping[str, Iterable[Any]], *, seeds: Sequence[int
             if k.replace("-", "_") not in fields:
                 raise ConfigError(f"{exp.name}'s config has no field {k!r} to vary; fields: "
                                   f"{', '.join(sorted(fields))}")
-        resolve_config(exp, preset, overrides or {})  # validate before any work
+        if not seeds:
+            raise ConfigError("compare needs at least one seed, e.g. --seeds 0,1,2")
+        for combo in itertools.product(*vary.values()):  # every cell's config, before any work
+            for seed in seeds:
+                resolve_config(exp, preset, {**(overrides or {}), **dict(zip(vary, combo)),
+                                             "seed": seed})
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         rd = RunDir.create(out or Path("runs") / exp.name / f"compare-{stamp}", None,
                            meta={"experiment": exp.name, "preset": preset, "vary": vary,
@@ -369,7 +506,7 @@ def compare_table(rd: RunDir, metrics: Sequence[str] | None = None) -> list[dict
     for rec in cells.values():
         tag = ", ".join(f"{k}={v}" for k, v in rec["combo"].items()) or "base"
         groups.setdefault(tag, []).append(rec)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for tag, recs in groups.items():
         names = metrics or sorted({k for r in recs for k, v in r["summary"].items()
                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})

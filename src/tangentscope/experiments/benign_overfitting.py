@@ -28,7 +28,7 @@ import dataclasses
 import functools
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,13 +36,22 @@ import torch
 from .._utils import seed_everything
 from ..data.vision import load_classification
 from ..dynamics import KernelRecorder
-from ..dynamics.phenomena import (classification_error, gd_step_size, make_optimizer,
-                                  noise_channel_analysis, run_cells, seed_stats,
-                                  snapshot_schedule, train_network)
+from ..dynamics.label_noise import classification_error, noise_channel_analysis
+from ..dynamics.linearized import gd_step_size
 from ..errors import ConfigError
 from ..io import RunDir
 from ..models import mlp
+from ..optim.spec import build_optimizer
+from ..viz.phenomena import benign_figures
 from ._framework import Experiment
+from ._harness import (
+    check_positive,
+    optimizer_spec,
+    run_cells,
+    seed_table,
+    snapshot_schedule,
+    train_network,
+)
 
 __all__ = ["Config", "Task", "TASKS", "EXPERIMENT", "run", "plot"]
 
@@ -69,8 +78,9 @@ class Task:
             kw["dim"] = max(8, int(self.dim * scale))
         if self.separation is not None:
             kw["separation"] = self.separation
-        return load_classification(self.dataset, max(8, int(self.n_train * scale)),
-                                   self.n_test, label_noise=self.label_noise, binary=self.binary,
+        return load_classification(cast(Any, self.dataset), max(8, int(self.n_train * scale)),
+                                   self.n_test, label_noise=self.label_noise,
+                                   binary=cast(Any, self.binary),
                                    pca=self.pca, seed=seed, dtype=torch.float64, **kw)
 
 
@@ -129,6 +139,7 @@ class Config:
     timeline: int = 25
 
     def __post_init__(self) -> None:
+        check_positive(self, "lr", "lr_scale")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ConfigError(f"unknown task(s) {unknown}; one of {sorted(TASKS)}")
@@ -152,8 +163,9 @@ def _train_cell(task: Task, width: int, seed: int, cfg: Config) -> tuple[dict, d
     lr = cfg.lr
     if cfg.optimizer == "gd":
         lr = gd_step_size(net, x, cfg.lr_scale)
-    opt = make_optimizer(cfg.optimizer, net, lr)
-    rec = KernelRecorder(net, x, Y, loss="squared", x_test=xt[:m], y_test=Yt[:m], optimizer=opt,
+    opt = build_optimizer(optimizer_spec(cfg.optimizer), net, lr=lr, weight_decay=0.0)
+    rec = KernelRecorder(net, x, Y, loss="squared", x_test=xt[:m], y_test=Yt[:m],
+                         optimizer=opt.optimizer,
                          schedule=snapshot_schedule(steps, cfg.snapshot_every, cfg.log_snapshots),
                          total_steps=steps, verbose=False)
     hist = train_network(net, x, Y, data.y, opt, steps, x_test=xt, labels_test=data.y_test)
@@ -166,7 +178,7 @@ def _train_cell(task: Task, width: int, seed: int, cfg: Config) -> tuple[dict, d
                                  timeline=cfg.timeline)
     # the clean twin: same initialization, same optimizer and steps, clean labels
     net.load_state_dict(init)
-    opt2 = make_optimizer(cfg.optimizer, net, lr)
+    opt2 = build_optimizer(optimizer_spec(cfg.optimizer), net, lr=lr, weight_decay=0.0)
     hist_c = train_network(net, x, Yc, data.y_clean, opt2, steps, x_test=xt,
                            labels_test=data.y_test)
     with torch.no_grad():
@@ -187,7 +199,7 @@ def _train_cell(task: Task, width: int, seed: int, cfg: Config) -> tuple[dict, d
            "probe_test_error": rep.test_error,
            "probe_test_error_without_noise": rep.test_error_without_noise,
            "counterfactual_rel_error": float(np.linalg.norm(pred - actual)
-                                             / max(np.linalg.norm(actual), 1e-300)),
+                                             / max(float(np.linalg.norm(actual)), 1e-300)),
            "counterfactual_corr": float(np.corrcoef(pred.ravel(), actual.ravel())[0, 1]),
            "counterfactual_test_rms": float(np.sqrt((actual ** 2).mean())),
            "seconds_train": hist.seconds + hist_c.seconds,
@@ -242,7 +254,7 @@ def summarize(cfg: Config, cells: Mapping[str, Mapping[str, Any]]) -> dict[str, 
     for r in cells.values():
         groups.setdefault((r["task"], int(r["width"])), []).append(r)
     table = [{"task": t, "width": w, "seeds": sorted(r["seed"] for r in rs),
-              "num_params": rs[0]["num_params"], **seed_stats(rs, _HEADLINE)}
+              "num_params": rs[0]["num_params"], **seed_table(rs, _HEADLINE)}
              for (t, w), rs in sorted(groups.items())]
     return {"table": table, "tasks": {t: TASKS[t].description for t in cfg.tasks},
             "cells": len(cells)}
@@ -250,8 +262,6 @@ def summarize(cfg: Config, cells: Mapping[str, Mapping[str, Any]]) -> dict[str, 
 
 def plot(rd: RunDir) -> list[Path]:
     """Figures from the run directory alone."""
-    from ..viz.phenomena import benign_figures
-
     return benign_figures(rd)
 
 

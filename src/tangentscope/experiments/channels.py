@@ -1,4 +1,5 @@
-"""Signal channel and reservoir on a real training run (operators issue, SPEC.md T, O, S).
+"""Signal channel and reservoir on a real training run (docs/notation.md: the operators of a
+training window).
 
 ``tangentscope run channels [--preset smoke|full] [--noise_fraction 0.25 ...]`` trains a small
 MLP on noisy 1-D regression (a fraction of the labels corrupted) with a
@@ -14,17 +15,50 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from ..dynamics import (
+    KernelRecorder,
+    KernelTrajectory,
+    channel_timeline,
+    every,
+    identity_residuals,
+    kernel_rotation,
+    kernel_spectra,
+    label_noise_gradients,
+    logspaced,
+    mode_visibility,
+    noise_transfer,
+    spectral_schedule,
+    split_channels,
+    window_operators,
+)
+from ..errors import ConfigError
 from ..io import RunDir
+from ..optim.spec import build_optimizer
+from ..viz import save_figure
+from ..viz.spectrum import (
+    plot_channel_energy,
+    plot_eigenvalue_spectra,
+    plot_fit,
+    plot_identity_residuals,
+    plot_residual_energy_map,
+    plot_rotation_surface,
+    plot_spectral_schedule,
+    plot_visibility,
+)
 from ._framework import Experiment
-
-Optimizer = Literal["gd", "sgd", "adam"]
+from ._harness import (
+    check_nonnegative,
+    check_positive,
+    regression_mlp,
+    regression_task,
+    train_recorded,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,56 +84,20 @@ class Config:
     rotation_k: int = 8              # top-k eigenspace for the rotation surface
     schedule_fraction: float = 0.1   # a mode is "learned" below this fraction of its start
 
-
-def _data(cfg: Config) -> Any:
-    from ..data import noisy_1d_regression
-
-    return noisy_1d_regression(cfg.n, cfg.noise, n_test=cfg.n_test,
-                               outlier_fraction=cfg.noise_fraction, seed=cfg.seed,
-                               dtype=torch.float64)
-
-
-def _model(seed: int, width: int, depth: int, activation: str) -> torch.nn.Module:
-    from ..models import mlp
-
-    torch.manual_seed(seed)
-    return mlp(1, width, depth, 1, activation=activation).double()
-
-
-def _optimizer(kind: Optimizer, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    if kind == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr)
-    return torch.optim.SGD(model.parameters(), lr=lr)
-
-
-def train_recorded(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
-                   y: torch.Tensor, steps: int, *, start: int = 0, batch_size: int | None = None,
-                   seed: int = 0, desc: str = "train",
-                   on_step: Callable[[int], None] | None = None) -> None:
-    """Plain training loop (full batch, or minibatches of ``batch_size`` drawn with ``seed``) on
-    ``Φ = ‖f(x) − y‖²/(2·batch)``; a recorder attached to ``opt`` does the snapshots."""
-    from .._utils import progress
-    from ..kernels.losses import SquaredLoss
-
-    loss = SquaredLoss()
-    gen = torch.Generator().manual_seed(seed * 7919 + start)
-    for step in progress(range(start, steps), desc=desc, total=steps - start):
-        idx = (slice(None) if batch_size is None
-               else torch.randperm(x.shape[0], generator=gen)[:batch_size])
-        opt.zero_grad()
-        loss.value(model(x[idx]), y[idx]).backward()
-        opt.step()
-        if on_step is not None:
-            on_step(step + 1)
+    def __post_init__(self) -> None:
+        check_positive(self, "lr", "n", "n_test", "width", "depth", "steps", "snapshots",
+                       "windows", "rotation_k", "threshold", "schedule_fraction")
+        check_nonnegative(self, "noise", "noise_fraction")
+        if self.noise_fraction > 1:
+            raise ConfigError(f"--noise_fraction is a fraction in [0, 1], got "
+                              f"{self.noise_fraction}")
 
 
 def _record(cfg: Config, rd: RunDir) -> None:
     """Train with the recorder on; resumable from the checkpoint saved with each snapshot."""
-    from ..dynamics import KernelRecorder, every, logspaced
-
-    data = _data(cfg)
-    model = _model(cfg.seed, cfg.width, cfg.depth, cfg.activation)
-    opt = _optimizer("gd", model, cfg.lr)
+    data = regression_task(cfg.n, cfg.noise, cfg.n_test, cfg.noise_fraction, cfg.seed)
+    model = regression_mlp(cfg.seed, cfg.width, cfg.depth, cfg.activation)
+    opt = build_optimizer("sgd", model, lr=cfg.lr).optimizer     # full-batch gradient descent
     tdir = rd.path / "trajectory"
     state = rd.load_state()
     sched = (logspaced(cfg.steps, cfg.snapshots) if cfg.spacing == "log"
@@ -132,30 +130,29 @@ def _windows(S: int, k: int) -> list[tuple[int, int]]:
 
 def run(cfg: Config, rd: RunDir) -> dict[str, Any]:
     """Record, then analyse the trajectory (cells: train, operators, windows, spectrum)."""
-    from ..dynamics import (KernelTrajectory, channel_timeline, identity_residuals,
-                            kernel_rotation, kernel_spectra, label_noise_gradients,
-                            mode_visibility, noise_transfer, spectral_schedule, split_channels,
-                            window_operators)
-
     done = rd.cells()
     if "train" not in done:
         _record(cfg, rd)
         rd.save_cell("train", {})
     traj = KernelTrajectory.load(rd.path / "trajectory")
+    test_loss = traj.test_loss
+    assert traj.U_Q is not None and test_loss is not None     # recorded with a test set
     S, d = len(traj), traj.data
     y_clean, noise = d["y_clean"].to(torch.float64), d["noise"].to(torch.float64)
     vectors = {"noise": noise, "clean signal": y_clean, "residual g(0)": traj.g[0]}
-    split_kw = dict(threshold=cfg.threshold, mode=cfg.split_mode)
+    split_kw: dict[str, Any] = dict(threshold=cfg.threshold, mode=cfg.split_mode)
 
     if "operators" not in done:
         res = identity_residuals(traj, discretization=cfg.discretization)
+        assert res.displacement_error is not None                  # recorded with a test set
         for i, T in enumerate(res.stops):
             rd.log(step=int(traj.steps[T]), time=float(res.times[i]), loss=traj.loss[T],
-                   test_loss=traj.test_loss[T], dissipation_error=res.dissipation_error[i],
+                   test_loss=test_loss[T], dissipation_error=res.dissipation_error[i],
                    displacement_error=res.displacement_error[i],
                    gradient_error=res.gradient_error[i])
         ops = window_operators(traj, discretization=cfg.discretization)
         split = split_channels(ops.W, vectors=vectors, **split_kw)
+        assert ops.G is not None
         vis = mode_visibility(split, ops.G, ops.test_gram_integral)
         g_clean, g_noise = label_noise_gradients(traj, y_clean)
         nt = noise_transfer(split, ops.G, g_noise, g_clean, U_Q_final=traj.U_Q[-1],
@@ -183,6 +180,7 @@ def run(cfg: Config, rd: RunDir) -> dict[str, Any]:
             continue
         ops = window_operators(traj, a, b, discretization=cfg.discretization)
         split = split_channels(ops.W, vectors={"g(s)": traj.g[a]}, **split_kw)
+        assert ops.G is not None
         rd.save_cell(key, {
             "start_step": int(traj.steps[a]), "stop_step": int(traj.steps[b]),
             **identity_residuals(traj, a, b, discretization=cfg.discretization).final(),
@@ -245,11 +243,6 @@ def _summary(cells: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 def plot(rd: RunDir) -> list[Path]:
     """Figures from ``arrays.npz`` alone."""
-    from ..viz import save_figure
-    from ..viz.spectrum import (plot_channel_energy, plot_eigenvalue_spectra, plot_fit,
-                                plot_identity_residuals, plot_residual_energy_map,
-                                plot_rotation_surface, plot_spectral_schedule, plot_visibility)
-
     a = rd.load_arrays()
     s = rd.read_summary()
     cut = rd.cells().get("operators", {}).get("cut")

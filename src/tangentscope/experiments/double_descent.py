@@ -10,7 +10,7 @@ flipped, and we record train error (on the noisy labels), clean test error, the 
 training error first hit zero, and — where the stacked output space ``N = n p`` is small enough
 for dense operators (``max_operator_dim``) and for the optimizers in ``operator_optimizers`` —
 a :class:`~tangentscope.dynamics.KernelRecorder` trajectory on the *whole* training set, from
-which :func:`~tangentscope.dynamics.phenomena.noise_channel_analysis` gives the fraction of
+which :func:`~tangentscope.dynamics.label_noise.noise_channel_analysis` gives the fraction of
 label-noise energy in the channel of ``W_S(0, T)`` (hard split and soft fraction), the test
 displacement ``−G_Q g_noise`` and the test error with that displacement removed. With
 ``min_norm=True`` each cell also gets the ``t = ∞`` minimum-norm fit of its *initial* eNTK
@@ -32,23 +32,36 @@ import dataclasses
 import functools
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from .._utils import seed_everything
 from ..data.vision import load_classification
-from ..dynamics import KernelRecorder
-from ..dynamics.phenomena import (OPTIMIZERS, classification_error, gd_step_size, make_optimizer,
-                                  min_norm_noise_transfer, noise_channel_analysis,
-                                  random_features, run_cells, seed_stats, snapshot_schedule,
-                                  train_network)
+from ..dynamics import KernelRecorder, analytic_jump
+from ..dynamics.label_noise import (
+    classification_error,
+    min_norm_noise_transfer,
+    noise_channel_analysis,
+)
+from ..dynamics.linearized import gd_step_size
 from ..errors import ConfigError
 from ..io import RunDir
-from ..kernels.entk import entk, flatten_kernel
-from ..models import mlp
+from ..kernels import entk, flatten_kernel
+from ..models import mlp, random_features
+from ..optim.spec import build_optimizer
+from ..viz.phenomena import double_descent_figures
 from ._framework import Experiment
+from ._harness import (
+    OPTIMIZERS,
+    check_positive,
+    optimizer_spec,
+    run_cells,
+    seed_table,
+    snapshot_schedule,
+    train_network,
+)
 
 __all__ = ["Config", "EXPERIMENT", "run", "plot", "summarize"]
 
@@ -64,7 +77,7 @@ class Config:
         model: ``mlp`` or ``random_features`` (frozen first layer; linear in its parameters).
         widths: hidden widths swept.
         depth, activation: MLP hidden layers and activation.
-        optimizers: from :data:`~tangentscope.dynamics.phenomena.OPTIMIZERS`.
+        optimizers: from :data:`~tangentscope.experiments._harness.OPTIMIZERS`.
         loss: ``squared`` (targets ±1 or one-hot) or ``cross_entropy``.
         lr: learning rate (Adam); for ``gd`` the step is ``lr_scale · n/λ_max(K_SS(0))``.
         lr_scale: see ``lr``.
@@ -108,9 +121,10 @@ class Config:
     min_norm: bool = False
 
     def __post_init__(self) -> None:
+        check_positive(self, "lr", "lr_scale")
         bad = [o for o in self.optimizers if o not in OPTIMIZERS]
         if bad:
-            raise ConfigError(f"unknown optimizer(s) {bad}; one of {OPTIMIZERS}")
+            raise ConfigError(f"unknown optimizer(s) {bad}; one of {tuple(OPTIMIZERS)}")
         if self.model not in ("mlp", "random_features"):
             raise ConfigError(f"model must be 'mlp' or 'random_features', got {self.model!r}")
         if self.loss not in ("squared", "cross_entropy"):
@@ -124,8 +138,9 @@ class Config:
 
 
 def _data(cfg: Config, seed: int) -> Any:
-    return load_classification(cfg.dataset, cfg.n_train, cfg.n_test, label_noise=cfg.label_noise,
-                               binary=cfg.binary, pca=cfg.pca, seed=seed,  # type: ignore[arg-type]
+    return load_classification(cast(Any, cfg.dataset), cfg.n_train, cfg.n_test,
+                               label_noise=cfg.label_noise, binary=cast(Any, cfg.binary),
+                               pca=cfg.pca, seed=seed,
                                dtype=torch.float64)
 
 
@@ -151,7 +166,7 @@ def _cell(cfg: Config, opt_name: str, width: int, seed: int) -> tuple[dict, dict
     Y, Yc = _targets(cfg, data), _targets(cfg, data, clean=True)
     m = min(cfg.n_probe, data.x_test.shape[0])
     lr = gd_step_size(net, data.x, cfg.lr_scale) if opt_name == "gd" else cfg.lr
-    opt = make_optimizer(opt_name, net, lr)
+    opt = build_optimizer(optimizer_spec(opt_name), net, lr=lr, weight_decay=0.0)
     p = data.n_classes if cfg.loss == "cross_entropy" else (1 if Y.dim() == 1 else Y.shape[1])
     record = (cfg.operators and opt_name in cfg.operator_optimizers and cfg.loss == "squared"
               and data.n * p <= cfg.max_operator_dim)
@@ -166,7 +181,7 @@ def _cell(cfg: Config, opt_name: str, width: int, seed: int) -> tuple[dict, dict
     if record:
         yt = _targets(cfg, data, test=True)
         rec = KernelRecorder(net, data.x, Y, loss="squared", x_test=data.x_test[:m],
-                             y_test=yt[:m], optimizer=opt,
+                             y_test=yt[:m], optimizer=opt.optimizer,
                              schedule=snapshot_schedule(cfg.steps, cfg.snapshot_every,
                                                         cfg.log_snapshots),
                              total_steps=cfg.steps, verbose=False)
@@ -199,10 +214,10 @@ def _cell(cfg: Config, opt_name: str, width: int, seed: int) -> tuple[dict, dict
 def _min_norm(net: torch.nn.Module, data: Any, Y: torch.Tensor, Yc: torch.Tensor, m: int
               ) -> dict[str, float]:
     """The ``t = ∞`` min-norm fit of the initial eNTK: test error and where the noise goes."""
-    from ..dynamics.flow import analytic_jump
-
     both = torch.cat([data.x, data.x_test])
-    K = flatten_kernel(entk(net, both, data.x, dtype=torch.float64))
+    K0 = entk(net, both, data.x, dtype=torch.float64)
+    assert isinstance(K0, torch.Tensor)         # no ``groups``: one kernel
+    K = flatten_kernel(K0)
     n = data.n
     KSS, KQS = K[:n * Y.reshape(n, -1).shape[1]], K[n * Y.reshape(n, -1).shape[1]:]
     with torch.no_grad():
@@ -243,12 +258,12 @@ def summarize(cfg: Config, cells: Mapping[str, Mapping[str, Any]]) -> dict[str, 
     threshold, the test-error peak, and where the noise measures peak."""
     out: dict[str, Any] = {"curves": {}, "landmarks": {}}
     for o in cfg.optimizers:
-        rows = []
+        rows: list[Mapping[str, Any]] = []
         for w in cfg.widths:
             rs = [r for r in cells.values() if r["optimizer"] == o and int(r["width"]) == w]
             if rs:
                 rows.append({"width": w, "seeds": sorted(r["seed"] for r in rs),
-                             **seed_stats(rs, _METRICS)})
+                             **seed_table(rs, _METRICS)})
         out["curves"][o] = rows
         out["landmarks"][o] = _landmarks(rows)
     return out
@@ -300,8 +315,6 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def plot(rd: RunDir) -> list[Path]:
     """Figures from the run directory alone."""
-    from ..viz.phenomena import double_descent_figures
-
     return double_descent_figures(rd)
 
 

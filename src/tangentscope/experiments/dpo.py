@@ -5,12 +5,14 @@ preferences while staying 3x closer to the reference policy" (summaries: +13–1
 Qwen 0.5B). Here: TRL's ``DPOTrainer`` with the optimizer passed through ``optimizers=``, a
 GPT-2-style policy built from a config and pretrained locally (or any local Hugging Face
 causal-LM directory, ``--model_dir``), a synthetic task with a known reward
-(:mod:`tangentscope.integrations.dpo`), labels flipped at each rate in ``noise_rates``.
+(:mod:`tangentscope.data.preferences`), labels flipped at each rate in ``noise_rates``.
 
 Cells are ``seed × noise rate × method``; a method is ``LOSS+OPTIMIZER`` with LOSS in
-``dpo``/``cdpo``/``rdpo`` and OPTIMIZER in ``adamw``, ``gated`` (``GatedAdamW``, streaming
-statistics: one extra state vector) or ``gated_exact`` (``GatedAdamW`` with per-pair statistics
-from ``gradient_accumulation_steps`` microbatches of one pair: the exact leave-one-out gate).
+``dpo``/``cdpo``/``rdpo`` and OPTIMIZER a label of :data:`METHOD_OPTIMIZERS` (the labels of the
+recorded cells; each is an optimizer spec of :mod:`tangentscope.optim.spec`): ``adamw``,
+``gated`` (``gated-streaming``: ``GatedAdamW`` with streaming statistics, one extra state vector)
+or ``gated_exact`` (``gated@stats=microbatch``: per-pair statistics from
+``gradient_accumulation_steps`` microbatches of one pair, the exact leave-one-out gate).
 Per seed the reference (SFT) and all pairs are made once and stored under ``refs/``.
 
     tangentscope run dpo --preset smoke          # CI-sized (~20 s)
@@ -26,20 +28,37 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from .._utils import progress
+from .._durable import atomic_write_torch, read_torch
+from ..data.preference_metrics import PreferenceEvaluator
+from ..data.preferences import (
+    PreferencePairs,
+    flip_preferences,
+    make_pairs,
+    make_preference_task,
+    preference_task_from_letters,
+    pretrain_reference,
+    sample_prompts,
+)
 from ..errors import ConfigError
+from ..integrations import hf as H
 from ..io import RunDir
+from ..optim.spec import parse_optimizer
+from ..viz.dpo import dpo_figures
 from ._framework import Experiment, seed_stats
+from ._harness import check_nonnegative, check_positive, load_checkpoint, progress, run_jobs
 
 LOSS_NAMES = ("dpo", "cdpo", "rdpo")
-OPTIMIZER_NAMES = ("adamw", "gated", "gated_exact")
+#: Method optimizer label → optimizer spec; the gated ones also take ``threshold``/``gate_on``.
+METHOD_OPTIMIZERS: dict[str, str] = {"adamw": "adamw", "gated": "gated-streaming",
+                                     "gated_exact": "gated@stats=microbatch"}
+OPTIMIZER_NAMES = tuple(METHOD_OPTIMIZERS)
 METRICS = ("heldout_acc", "train_acc", "train_acc_clean", "flipped_fit", "kl", "nontask_mass",
            "reward")
 
@@ -93,6 +112,9 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = False
 
+    def __post_init__(self) -> None:
+        validate(self)
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(n_seeds=1, noise_rates=(0.4,), methods=("dpo+adamw", "dpo+gated", "cdpo+adamw"),
@@ -132,6 +154,10 @@ def _canonical(cfg: Config, method: str, noise: float) -> str:
 
 def validate(cfg: Config) -> None:
     """Check the config before any work (raises :class:`ConfigError` naming the fix)."""
+    check_positive(cfg, "lr", "sft_lr", "beta", "batch_size", "n_pairs", "n_heldout",
+                   "n_eval_prompts", "prompt_len", "response_len", "n_embd", "n_layer", "n_head",
+                   "sft_steps", "sft_batch", "epochs", "samples")
+    check_nonnegative(cfg, "weight_decay", "max_grad_norm", "threshold")
     if not cfg.noise_rates or any(not 0.0 <= r < 1.0 for r in cfg.noise_rates):
         raise ConfigError(f"--noise_rates must be in [0, 1), got {cfg.noise_rates}")
     if not cfg.methods:
@@ -172,9 +198,6 @@ def _seeds(cfg: Config) -> list[int]:
 
 # -- building blocks (library calls) ------------------------------------------------------------
 def _tokenizer_and_task(cfg: Config) -> tuple[Any, Any]:
-    from ..integrations import dpo as D
-    from ..integrations import hf as H
-
     if cfg.model_dir is not None:
         from transformers import AutoTokenizer
 
@@ -182,18 +205,17 @@ def _tokenizer_and_task(cfg: Config) -> tuple[Any, Any]:
             tok = AutoTokenizer.from_pretrained(cfg.model_dir, local_files_only=True)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        task = D.task_symbols(tok, cfg.symbols, prefix=cfg.prefix, prompt_len=cfg.prompt_len,
-                              response_len=cfg.response_len)
+        task = preference_task_from_letters(tok, cfg.symbols, prefix=cfg.prefix,
+                                            prompt_len=cfg.prompt_len,
+                                            response_len=cfg.response_len)
     else:
         tok = H.char_tokenizer(cfg.symbols + cfg.nontask_symbols + cfg.prefix, eos_token="$")
-        task = D.make_task(tok, list(cfg.symbols), prefix=cfg.prefix, prompt_len=cfg.prompt_len,
-                           response_len=cfg.response_len)
+        task = make_preference_task(tok, list(cfg.symbols), prefix=cfg.prefix,
+                                    prompt_len=cfg.prompt_len, response_len=cfg.response_len)
     return tok, task
 
 
 def _new_model(cfg: Config, tok: Any, task: Any, seed: int) -> torch.nn.Module:
-    from ..integrations import hf as H
-
     if cfg.model_dir is not None:
         return H.load_local_causal_lm(cfg.model_dir)[0]
     return H.tiny_causal_lm(len(tok), n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -205,28 +227,27 @@ def _bundle_path(run_path: Path, seed: int) -> Path:
     return run_path / "refs" / f"seed{seed}.pt"
 
 
+_BUNDLE_REDO = "the seed's reference and pairs are made again"
+
+
 def _make_bundle(cfg: Config, seed: int, run_path: str) -> dict[str, Any]:
     """SFT reference + clean pairs + held-out pairs + eval prompts + flip order for one seed."""
-    from ..integrations import dpo as D
-
     _init_process(cfg)
     tok, task = _tokenizer_and_task(cfg)
     model = _new_model(cfg, tok, task, seed).to(_device(cfg))
     g = torch.Generator().manual_seed(1_000_003 * seed + 17)
-    sft = D.pretrain_reference(model, task, steps=cfg.sft_steps, batch_size=cfg.sft_batch,
-                               lr=cfg.sft_lr, generator=g)
-    train = D.make_pairs(task, model, cfg.n_pairs, g)
-    heldout = D.make_pairs(task, model, cfg.n_heldout, g)
+    sft = pretrain_reference(model, task, steps=cfg.sft_steps, batch_size=cfg.sft_batch,
+                             lr=cfg.sft_lr, generator=g)
+    train = make_pairs(task, model, cfg.n_pairs, g)
+    heldout = make_pairs(task, model, cfg.n_heldout, g)
     bundle = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
               "train": dataclasses.asdict(train), "heldout": dataclasses.asdict(heldout),
-              "prompts": D.sample_prompts(task, cfg.n_eval_prompts, g),
+              "prompts": sample_prompts(task, cfg.n_eval_prompts, g),
               "order": torch.randperm(cfg.n_pairs, generator=g),
               "sft_loss": float(np.mean(sft[-10:]))}
     path = _bundle_path(Path(run_path), seed)
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(bundle, tmp)
-    os.replace(tmp, path)
+    atomic_write_torch(path, bundle)
     return {"seed": seed, "sft_loss": bundle["sft_loss"]}
 
 
@@ -239,34 +260,29 @@ def _init_process(cfg: Config) -> None:
 
 def run_cell(cfg: Config, seed: int, noise: float, method: str, run_path: str) -> dict[str, Any]:
     """Train one (seed, noise, method) cell from the seed's bundle; return its rows and finals."""
-    from ..integrations import dpo as D
-    from ..integrations import hf as H
-
     _init_process(cfg)
     t0 = time.perf_counter()
     dev = _device(cfg)
     tok, task = _tokenizer_and_task(cfg)
-    b = torch.load(_bundle_path(Path(run_path), seed), weights_only=False)
+    b = read_torch(_bundle_path(Path(run_path), seed), fix=f"--resume the run: {_BUNDLE_REDO}")
     reference = _new_model(cfg, tok, task, seed)
     reference.load_state_dict(b["state_dict"])
     reference.to(dev).eval().requires_grad_(False)
     policy = copy.deepcopy(reference).requires_grad_(True)
-    pairs = D.flip_labels(D.PreferencePairs(**b["train"]), noise, b["order"])
-    evaluator = D.PreferenceEvaluator(task, reference, pairs, D.PreferencePairs(**b["heldout"]),
-                                      b["prompts"], samples=cfg.samples, seed=seed)
+    pairs = flip_preferences(PreferencePairs(**b["train"]), noise, b["order"])
+    evaluator = PreferenceEvaluator(task, reference, pairs, PreferencePairs(**b["heldout"]),
+                                    b["prompts"], samples=cfg.samples, seed=seed)
     loss, opt_name = parse_method(method)
-    gate_kwargs: dict[str, Any] = {}
-    microbatch = None
-    if opt_name.startswith("gated"):
-        gate_kwargs = {"threshold": cfg.threshold, "gate_on": cfg.gate_on}
-        if opt_name == "gated_exact":
-            gate_kwargs["stats"], microbatch = "microbatch", 1
+    spec = parse_optimizer(METHOD_OPTIMIZERS[opt_name])
+    if spec.rule == "gated-adamw":
+        spec = spec.replace(threshold=cfg.threshold, gate_on=cfg.gate_on)
+    microbatch = 1 if spec.stats == "microbatch" else None     # one pair per microbatch
     trainer = H.dpo_trainer(
-        policy, reference, tok, D.pairs_to_dataset(task, pairs), loss=loss,
-        eps=_eps(cfg, loss, noise), beta=cfg.beta, optimizer="gated" if gate_kwargs else "adamw",
-        lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.epochs, batch_size=cfg.batch_size,
+        policy, reference, tok, H.pairs_to_dataset(task, pairs), loss=loss,
+        eps=_eps(cfg, loss, noise), beta=cfg.beta, optimizer=spec, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, epochs=cfg.epochs, batch_size=cfg.batch_size,
         microbatch_size=microbatch, max_length=task.max_length, max_grad_norm=cfg.max_grad_norm,
-        seed=seed, gate_kwargs=gate_kwargs, device=dev, bf16=cfg.bf16)
+        seed=seed, device=dev, bf16=cfg.bf16)
     opt = trainer.optimizer
     total = cfg.epochs * (cfg.n_pairs // cfg.batch_size)
     every = max(1, total // cfg.n_evals)
@@ -302,29 +318,31 @@ def _cell_key(seed: int, noise: float, method: str) -> str:
     return f"seed{seed}-noise{noise:g}-{method}"
 
 
-def _map(cfg: Config, fn: Any, jobs: list[tuple], desc: str):
-    """Yield ``fn(*job)`` results as they finish (a process pool when ``workers > 1``)."""
-    if cfg.workers == 1 or len(jobs) <= 1:
-        for job in progress(jobs, desc=desc, total=len(jobs)):
-            yield fn(*job)
-        return
-    import concurrent.futures as cf
-    import multiprocessing as mp
+def _call(job: tuple[Any, tuple], device: str) -> Any:
+    """A pool job ``(fn, args)`` → ``fn(*args)`` (each cell picks its own device)."""
+    fn, args = job
+    return fn(*args)
 
-    with cf.ProcessPoolExecutor(min(cfg.workers, len(jobs)),
-                                mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(fn, *job) for job in jobs]
-        for fut in progress(cf.as_completed(futures), desc=desc, total=len(futures)):
-            yield fut.result()
+
+def _map(cfg: Config, fn: Any, jobs: list[tuple], desc: str) -> Iterator[Any]:
+    """Yield ``fn(*job)`` results as they finish (the job pool's processes when
+    ``workers > 1``; a job that failed in a worker raises here with its traceback)."""
+    workers = cfg.workers if len(jobs) > 1 else 1
+    for _, res in progress(run_jobs(_call, [(fn, job) for job in jobs], workers=workers),
+                           desc=desc, total=len(jobs)):
+        if workers > 1 and isinstance(res, str):
+            raise RuntimeError(f"a dpo job failed in a worker process:\n{res}")
+        yield res
 
 
 def run(cfg: Config, rd: RunDir) -> dict[str, Any]:
-    validate(cfg)
     _init_process(dataclasses.replace(cfg, workers=1))
     _tokenizer_and_task(cfg)       # fail fast on tokenizer / symbol problems
     done = rd.cells()
     seeds = _seeds(cfg)
-    need = [(cfg, s, str(rd.path)) for s in seeds if not _bundle_path(rd.path, s).exists()]
+    # a damaged bundle (a crash mid-write of an older version) is set aside and made again
+    need = [(cfg, s, str(rd.path)) for s in seeds
+            if load_checkpoint(_bundle_path(rd.path, s), redo=_BUNDLE_REDO) is None]
     for info in _map(cfg, _make_bundle, need, "dpo: SFT references"):
         rd.save_cell(f"ref-seed{info['seed']}", info)
     jobs, aliases, queued = [], [], set()
@@ -417,7 +435,7 @@ def summarize(cfg: Config, rd: RunDir) -> dict[str, Any]:
             for k in (*METRICS, "heldout_acc_peak"):
                 row[k] = seed_stats([f.get(k) for f in fin.values()])
             table.append(row)
-    claims = []
+    claims: list[dict[str, Any]] = []
     gated = [m for m in cfg.methods if parse_method(m)[1] != "adamw"]
     baselines = [m for m in cfg.methods if parse_method(m)[1] == "adamw"]
     for rho in cfg.noise_rates:
@@ -532,53 +550,7 @@ def _arrays(cfg: Config, cells: Mapping[str, Any]) -> dict[str, np.ndarray]:
 # -- figures --------------------------------------------------------------------------------------
 def plot(rd: RunDir) -> list[Path]:
     """Figures from the run directory: accuracy/KL/displacement vs noise, and trajectories."""
-    from ..viz._mpl import pyplot, save_figure
-
-    plt = pyplot()
-    saved = rd.read_config()["config"]
-    methods, noise = list(saved["methods"]), list(saved["noise_rates"])
-    arr = rd.load_arrays()
-    paths = []
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    panels = [("heldout_acc", "clean held-out preference accuracy"),
-              ("kl", "exact KL(π‖π_ref) [nats]"),
-              ("nontask_mass", "mass on non-task tokens"), ("reward", "true reward E_π[r*]")]
-    for ax, (k, title) in zip(axes, panels):
-        a = arr.get(f"final_{k}")
-        if a is None:
-            continue
-        for j, m in enumerate(methods):
-            x = np.asarray(noise) + (j - (len(methods) - 1) / 2) * 0.012
-            med = np.nanmedian(a[:, j, :], axis=1)
-            lo, hi = np.nanmin(a[:, j, :], axis=1), np.nanmax(a[:, j, :], axis=1)
-            ax.errorbar(x, med, yerr=[med - lo, hi - med], marker="o", capsize=3, label=m)
-        ax.set_xlabel("label flip rate")
-        ax.set_title(title, fontsize=10)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("DPO under noisy preferences (median over seeds, bars: min–max)")
-    paths.append(save_figure(fig, rd.figure_path("dpo_summary")))
-    rows = rd.read_metrics()
-    noisy = [r for r in noise if r > 0] or noise
-    fig, axes = plt.subplots(2, len(noisy), figsize=(5 * len(noisy), 7.5), squeeze=False)
-    for i, rho in enumerate(noisy):
-        for m in methods:
-            sel = [r for r in rows if r["method"] == m and float(r["noise"]) == float(rho)]
-            for s in sorted({r["seed"] for r in sel}):
-                rs = [r for r in sel if r["seed"] == s]
-                lab = m if s == min(r["seed"] for r in sel) else None
-                color = f"C{methods.index(m)}"
-                axes[0, i].plot([r["kl"] for r in rs], [r["heldout_acc"] for r in rs], "-o",
-                                ms=2, color=color, alpha=0.7, label=lab)
-                axes[1, i].plot([r["step"] for r in rs], [r["flipped_fit"] for r in rs], "-",
-                                color=color, alpha=0.7, label=lab)
-        axes[0, i].set(xlabel="exact KL(π‖π_ref) [nats]", ylabel="held-out accuracy",
-                       title=f"flip rate {rho:g}: accuracy vs distance from π_ref")
-        axes[1, i].set(xlabel="optimizer step", ylabel="flipped pairs fitted",
-                       title=f"flip rate {rho:g}: memorised label noise")
-        axes[0, i].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(save_figure(fig, rd.figure_path("dpo_trajectories")))
-    return paths
+    return dpo_figures(rd)
 
 
 EXPERIMENT = Experiment(

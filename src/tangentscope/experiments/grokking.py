@@ -8,9 +8,9 @@ speed-up of each optimizer over AdamW on the same seeds.
 
 A *setting* (:data:`SETTINGS`) fixes the task (operation, ``p``, train fraction), the model (an
 MLP over learned embeddings or a small transformer) and the AdamW hyper-parameters; an
-*optimizer* (:data:`OPTIMIZERS`) is AdamW, a gated AdamW (statistics source × gate placement ×
-threshold), Grokfast on AdamW, or a combination. Variants are spelled ``name@key=value@...``,
-e.g. ``gated@threshold=2``.
+*optimizer* is a name of :mod:`tangentscope.optim.spec`: AdamW, a gated AdamW (statistics
+source × gate placement × threshold), Grokfast on AdamW, or a combination, with variants spelled
+``name@key=value@...``, e.g. ``gated@threshold=2``.
 
 The seeds of one ``(setting, optimizer)`` cell are trained together as one stacked model (every
 parameter carries a leading seed axis, see :func:`train_group`): with elementwise optimizers
@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,406 +35,45 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._utils import progress, seed_everything
+from .._durable import atomic_write_torch
 from ..errors import ConfigError
 from ..io import RunDir
-from ._framework import Experiment
+from ..models import StackedEnsemble
+from ..optim.spec import BuiltOptimizer, parse_optimizer
+from ..viz.grokking import grokking_figures
+from ._framework import Experiment, make_config
+from ._grokking_setup import (
+    FULL_OPTIMIZERS,
+    FULL_SETTINGS,
+    SETTINGS,
+    VARIANT_OPTIMIZERS,
+    VARIANT_SETTINGS,
+    ModularTask,
+    Setting,
+    build_cell_optimizer,
+    build_model,
+    gate_pass_fraction,
+    make_task,
+)
+from ._harness import (
+    censored_median,
+    censored_ratio,
+    censored_stats,
+    check_nonnegative,
+    check_positive,
+    load_checkpoint,
+    progress,
+    run_jobs,
+)
 
-__all__ = ["Config", "EXPERIMENT", "OPTIMIZERS", "SETTINGS", "Setting", "parse_optimizer",
-           "plot", "run", "summarize", "table_markdown", "train_group"]
-
-
-# -- settings -----------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """One regime: task, model and base-optimizer hyper-parameters.
-
-    Attributes:
-        model: ``mlp`` (:class:`~tangentscope.models.embedding_mlp.EmbeddingMLP` on ``(a, b)``)
-            or ``transformer`` (:class:`~tangentscope.models.TinyTransformer` on the sequence
-            ``a ∘ b =``, logits at ``=``).
-        op: ``add``, ``sub``, ``mul``, ``div`` (``a · b⁻¹``, ``b ≠ 0``), ``quad``
-            (``a² + ab + b²``) or ``cubic`` (``a³ + ab``).
-        p: the modulus (a prime).
-        train_fraction: fraction of all ``(a, b)`` pairs used for training.
-        lr, weight_decay, beta1, beta2, eps: AdamW's (decoupled weight decay).
-        base: ``adamw``, or ``adam`` (coupled L2, ``grad += wd·w``: Grokfast's reference runs).
-        warmup_steps: linear learning-rate warm-up (Power et al. use 10).
-        batch_size: minibatch size, sampled with replacement per step; 0 = full batch.
-        max_steps: steps after which a seed that has not reached the target counts as censored.
-        eval_every: steps between accuracy checks (the resolution of "steps to target").
-        d_embed, width, depth: the MLP's sizes. d_model, n_heads, n_layers: the transformer's
-            (its MLP is ``4·d_model`` wide).
-    """
-
-    model: str = "mlp"
-    op: str = "add"
-    p: int = 59
-    train_fraction: float = 0.5
-    lr: float = 3e-3
-    weight_decay: float = 1.0
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-8
-    base: str = "adamw"
-    warmup_steps: int = 0
-    batch_size: int = 512
-    max_steps: int = 6000
-    eval_every: int = 25
-    d_embed: int = 128
-    width: int = 256
-    depth: int = 1
-    d_model: int = 128
-    n_heads: int = 4
-    n_layers: int = 2
-
-    def __post_init__(self):
-        if self.model not in ("mlp", "transformer"):
-            raise ConfigError(f"model must be 'mlp' or 'transformer', got {self.model!r}")
-        if self.base not in ("adamw", "adam"):
-            raise ConfigError(f"base must be 'adamw' or 'adam', got {self.base!r}")
-        if not 0 < self.train_fraction < 1:
-            raise ConfigError(f"train_fraction must be in (0, 1), got {self.train_fraction}")
-        for name in ("max_steps", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size < 0:
-            raise ConfigError(f"batch_size must be >= 0 (0 = full batch), got {self.batch_size}")
-
-
-_T = dict(model="transformer", lr=1e-3, p=97, warmup_steps=10)
-SETTINGS: dict[str, Setting] = {
-    # Seconds-sized, for tests: p = 23, 80% train, a narrow MLP; AdamW groks in ~400 steps.
-    "tiny": Setting(p=23, train_fraction=0.8, d_embed=32, width=64, lr=1e-2, max_steps=600,
-                    eval_every=20),
-    # CI-sized: AdamW groks in ~1.5k steps (MLP, p = 59, 50% train, lr 3e-3, batch 512).
-    "ci": Setting(),
-    # The MLP at the original grokking paper's optimizer settings (lr 1e-3, wd 1), p = 97.
-    "mlp-add": Setting(p=97, train_fraction=0.4, lr=1e-3, max_steps=12000, eval_every=50),
-    "mlp-sub": Setting(op="sub", p=97, train_fraction=0.4, lr=1e-3, max_steps=12000,
-                       eval_every=50),
-    "mlp-mul": Setting(op="mul", p=97, train_fraction=0.4, lr=1e-3, max_steps=12000,
-                       eval_every=50),
-    "mlp-div": Setting(op="div", p=97, train_fraction=0.4, lr=1e-3, max_steps=12000,
-                       eval_every=50),
-    "mlp-quad": Setting(op="quad", p=97, train_fraction=0.5, lr=1e-3, max_steps=12000,
-                        eval_every=50),
-    # Regimes where AdamW groks slowly: weaker weight decay, less data, small / full batches.
-    "mlp-add-wd0.3": Setting(p=97, train_fraction=0.4, lr=1e-3, weight_decay=0.3,
-                             max_steps=40000, eval_every=100),
-    "mlp-add-wd0.1": Setting(p=97, train_fraction=0.4, lr=1e-3, weight_decay=0.1,
-                             max_steps=60000, eval_every=200),
-    "mlp-add-frac0.3": Setting(p=97, train_fraction=0.3, lr=1e-3, max_steps=20000,
-                               eval_every=50),
-    "mlp-add-batch64": Setting(p=97, train_fraction=0.4, lr=1e-3, batch_size=64,
-                               max_steps=20000, eval_every=50),
-    "mlp-add-fullbatch": Setting(p=97, train_fraction=0.4, lr=1e-3, batch_size=0,
-                                 max_steps=12000, eval_every=50),
-    # Transformers: Power et al.'s optimizer settings (lr 1e-3, wd 1, β2 0.98, batch 512, 10
-    # warm-up steps), and Grokfast's reference regime: no weight decay, 50% of x·y mod 97.
-    "tf-add": Setting(**_T, op="add", max_steps=10000, eval_every=50),
-    "tf-div": Setting(**_T, op="div", max_steps=10000, eval_every=50),
-    "tf-mul-wd0": Setting(**_T, op="mul", weight_decay=0.0, max_steps=15000, eval_every=100),
-}
-
-# -- optimizers ---------------------------------------------------------------------------------
-_GATE_KEYS = ("gate_on", "stats", "threshold", "soft", "gate")
-_GROKFAST_KEYS = ("grokfast", "alpha", "lamb", "window_size")
-OPTIMIZERS: dict[str, dict[str, Any]] = {
-    "adamw": {},
-    "grokfast": {"grokfast": "ema", "alpha": 0.98, "lamb": 2.0},
-    "grokfast-ma": {"grokfast": "ma", "window_size": 100, "lamb": 5.0},
-    "gated": {"gate_on": "update", "stats": "exact"},
-    "gated-grad": {"gate_on": "grad", "stats": "exact"},
-    "gated-moments": {"gate_on": "moments", "stats": "exact"},
-    "gated-streaming": {"gate_on": "update", "stats": "streaming"},
-    "gated-grad+grokfast": {"gate_on": "grad", "stats": "exact", "grokfast": "ema",
-                            "alpha": 0.98, "lamb": 2.0},
-}
-# The claim's grid (`--preset full`): every statistics source and placement, Grokfast, AdamW.
-FULL_OPTIMIZERS = ("adamw", "gated", "gated-grad", "gated-moments", "gated-streaming",
-                   "grokfast")
-FULL_SETTINGS = ("ci", "mlp-add", "mlp-sub", "mlp-mul", "mlp-div", "mlp-add-wd0.3",
-                 "mlp-add-wd0.1", "mlp-add-frac0.3", "mlp-add-batch64", "mlp-add-fullbatch",
-                 "tf-add")
-# Variants grounded in the derivation (`--preset variants`).
-VARIANT_OPTIMIZERS = ("adamw", "gated@gate=soft", "gated-grad@gate=soft",
-                      "gated@threshold=0.25", "gated-streaming@gate_on=grad",
-                      "gated-grad+grokfast", "grokfast-ma")
-VARIANT_SETTINGS = ("ci", "mlp-add")
-
-
-def parse_optimizer(name: str) -> dict[str, Any]:
-    """``'gated@threshold=2@gate_on=grad'`` → the registry entry with those keys replaced.
-
-    Raises:
-        ConfigError: unknown base name or key (the message lists the valid ones).
-    """
-    base, *mods = name.split("@")
-    if base not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {base!r}; known: {', '.join(OPTIMIZERS)} "
-                          "(variants: NAME@key=value, e.g. gated@threshold=2)")
-    spec = dict(OPTIMIZERS[base])
-    for m in mods:
-        if "=" not in m:
-            raise ConfigError(f"optimizer variant {m!r} in {name!r} must read key=value")
-        k, v = m.split("=", 1)
-        if k not in _GATE_KEYS + _GROKFAST_KEYS:
-            raise ConfigError(f"unknown optimizer key {k!r} in {name!r}; keys: "
-                              f"{', '.join(_GATE_KEYS + _GROKFAST_KEYS)}")
-        spec[k] = _literal(v)
-    if spec.get("grokfast") not in (None, "ema", "ma"):
-        raise ConfigError(f"grokfast must be 'ema' or 'ma' in {name!r}")
-    return spec
-
-
-def _literal(v: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
-
-
-# -- task and models ----------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Task:
-    """All ``N`` examples once, and each seed's split: ``x (N, L)``, ``y (N,)``,
-    ``train_idx (E, n_train)``, ``val_idx (E, n_val)`` (indices into ``x``)."""
-
-    x: Tensor
-    y: Tensor
-    train_idx: Tensor
-    val_idx: Tensor
-    n_classes: int
-    vocab: int
-
-
-def make_task(setting: Setting, seeds: Sequence[int]) -> _Task:
-    """The dataset of ``setting`` and one train/validation split per seed."""
-    splits = [_modular(setting, seed) for seed in seeds]
-    x, y = splits[0][0], splits[0][1]
-    for xs, ys, _, _ in splits[1:]:
-        if not (torch.equal(xs, x) and torch.equal(ys, y)):
-            raise AssertionError("modular_arithmetic must list the same examples for every seed")
-    if setting.model == "transformer":  # the sequence  a ∘ b =  (tokens p and p + 1)
-        p = setting.p
-        n = x.shape[0]
-        x = torch.stack([x[:, 0], torch.full((n,), p), x[:, 1], torch.full((n,), p + 1)], 1)
-        vocab = p + 2
-    else:
-        vocab = setting.p
-    return _Task(x=x, y=y, train_idx=torch.stack([s[2] for s in splits]),
-                 val_idx=torch.stack([s[3] for s in splits]), n_classes=setting.p, vocab=vocab)
-
-
-_OPS = {
-    "add": lambda a, b, p: (a + b) % p,
-    "sub": lambda a, b, p: (a - b) % p,
-    "mul": lambda a, b, p: (a * b) % p,
-    "div": lambda a, b, p: (a * torch.tensor([pow(int(v), p - 2, p) for v in b])) % p,
-    "quad": lambda a, b, p: (a * a + a * b + b * b) % p,
-    "cubic": lambda a, b, p: (a ** 3 + a * b) % p,
-}
-
-
-def _modular(setting: Setting, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(x (N, 2), y (N,), train_idx, val_idx)`` for ``(a ∘ b) mod p``: all pairs
-    ``0 ≤ a, b < p`` (``b ≠ 0`` for ``div``, computed as ``a · b^{p−2}``), split by a permutation
-    seeded with ``seed``: the first ``round(train_fraction · N)`` for training (the recorded
-    results in docs/grokking.md use exactly this split).
-    """
-    p = setting.p
-    if setting.op not in _OPS:
-        raise ConfigError(f"unknown op {setting.op!r}; one of {', '.join(_OPS)}")
-    a, b = (t.reshape(-1) for t in torch.meshgrid(torch.arange(p), torch.arange(p),
-                                                  indexing="ij"))
-    if setting.op == "div":
-        a, b = a[b != 0], b[b != 0]
-    y = _OPS[setting.op](a, b, p)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n = round(setting.train_fraction * len(y))
-    if not 0 < n < len(y):
-        raise ConfigError(f"train_fraction={setting.train_fraction} leaves an empty split of "
-                          f"{len(y)} examples")
-    return torch.stack([a, b], 1), y, perm[:n].sort().values, perm[n:].sort().values
-
-
-def build_model(setting: Setting, task: _Task, seeds: Sequence[int], stacked: bool = True
-                ) -> nn.Module:
-    """One model per seed (initialised after ``seed_everything(seed)``), stacked — or, with
-    ``stacked=False``, the single seed's plain model in a :class:`_Single` wrapper.
-
-    Returns a module mapping tokens ``(B, E, L)`` to logits ``(B, E, p)``.
-    """
-    from ..models.embedding_mlp import EmbeddingMLPEnsemble
-
-    models = [build_single_model(setting, task, seed) for seed in seeds]
-    if not stacked:
-        if len(models) != 1:
-            raise ConfigError("an unstacked cell trains exactly one seed")
-        return _Single(models[0])
-    if setting.model == "mlp":
-        return EmbeddingMLPEnsemble.from_models(models)
-    return StackedEnsemble(models)
-
-
-class _Single(nn.Module):
-    """A plain model behind the stacked interface ``(B, 1, L) → (B, 1, p)``."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.inner(x[:, 0])[:, None]
-
-
-def build_single_model(setting: Setting, task: _Task, seed: int) -> nn.Module:
-    """The plain model of ``setting`` for one seed (``seed_everything(seed)`` first):
-    tokens ``(B, L)`` → logits ``(B, p)``."""
-    from ..models.embedding_mlp import EmbeddingMLP
-    from ..models.transformer import TinyTransformer
-
-    seed_everything(seed)
-    if setting.model == "mlp":
-        return EmbeddingMLP(task.vocab, task.n_classes, d_embed=setting.d_embed,
-                            width=setting.width, depth=setting.depth)
-    return TinyTransformer(task.vocab, task.n_classes, d_model=setting.d_model,
-                           n_heads=setting.n_heads, n_layers=setting.n_layers,
-                           d_mlp=4 * setting.d_model, max_len=task.x.shape[1])
-
-
-class StackedEnsemble(nn.Module):
-    """``E`` copies of any module as one: parameters stacked on a leading axis, the forward
-    ``vmap``-ed over it (``torch.func.stack_module_state`` + ``functional_call``).
-
-    Tokens ``(B, E, ...)`` → outputs ``(B, E, ...)`` (batch first, like
-    :class:`~tangentscope.models.embedding_mlp.EmbeddingMLPEnsemble`).
-    """
-
-    def __init__(self, models: Sequence[nn.Module]):
-        super().__init__()
-        import copy
-
-        from torch.func import stack_module_state
-
-        params, buffers = stack_module_state(list(models))
-        self.n_members = len(models)
-        self._names = list(params)
-        self.stacked = nn.ParameterList(nn.Parameter(params[k].detach().clone())
-                                        for k in self._names)
-        self._buffers_stacked = buffers
-        self._base = [copy.deepcopy(models[0]).to("meta")]
-
-    def forward(self, x: Tensor) -> Tensor:
-        from torch.func import functional_call, vmap
-
-        base = self._base[0]
-
-        def one(params: tuple[Tensor, ...], xe: Tensor) -> Tensor:
-            return functional_call(base, dict(zip(self._names, params)), (xe,))
-
-        return vmap(one, in_dims=(0, 1), out_dims=1)(tuple(self.stacked), x)
-
-
-# -- optimizers ---------------------------------------------------------------------------------
-@dataclasses.dataclass
-class _Trainer:
-    """The optimizer, an optional gradient filter run between ``backward`` and ``step``, and
-    where the gate's statistics come from.
-
-    ``step(batch)`` runs ``filter → optimizer.step``; for a stacked MLP with exact statistics it
-    passes the closed-form per-example moments (``EmbeddingMLPEnsemble.grad_sq_sums``) to
-    ``GatedAdamW.step(moments=...)``. With a filter, the gate's signal and noise are those of
-    the raw minibatch gradient, and the gated step moves along the filtered one.
-    """
-
-    optimizer: torch.optim.Optimizer
-    grad_filter: Any = None
-    ensemble_moments: nn.Module | None = None
-
-    def step(self, batch: int) -> None:
-        moments = None
-        if self.ensemble_moments is not None:
-            from ..optim import GradMoments
-
-            sq = self.ensemble_moments.grad_sq_sums()
-            moments = {p: GradMoments(p.grad.clone() if self.grad_filter else p.grad, sq[n],
-                                      batch) for n, p in
-                       self.ensemble_moments.named_parameters() if p.grad is not None}
-        if self.grad_filter is not None:
-            self.grad_filter()
-        if moments is None:
-            self.optimizer.step()
-        else:
-            self.optimizer.step(moments=moments)
-
-    def gate_pass_fraction(self) -> float | None:
-        """The last step's fraction of coordinates updated (mean gate value); ``None`` for an
-        optimizer without gate (one device sync: call it rarely)."""
-        stats = getattr(self.optimizer, "gate_stats", None)
-        if stats is None:
-            return None
-        fr = [f for f in stats()["fraction_updated"] if f is not None]
-        return float(np.mean(fr)) if fr else None
-
-
-def make_trainer(spec: Mapping[str, Any], model: nn.Module, setting: Setting) -> _Trainer:
-    """The optimizer of ``spec`` (see :func:`parse_optimizer`) on ``model``'s parameters.
-
-    ``model`` is a plain module (tokens ``(B, L)``), a :class:`_Single` wrapper, a
-    :class:`StackedEnsemble` or an ``EmbeddingMLPEnsemble``. Exact statistics come from
-    :class:`~tangentscope.optim.PerExampleStats` on plain models and from the ensemble's own
-    closed forms on a stacked MLP; a stacked transformer has none (train it unstacked).
-    """
-    from ..models.embedding_mlp import EmbeddingMLPEnsemble
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    kw = dict(lr=setting.lr, betas=(setting.beta1, setting.beta2), eps=setting.eps,
-              weight_decay=setting.weight_decay)
-    gate_kw = {k: spec[k] for k in _GATE_KEYS if k in spec}
-    ensemble_moments = None
-    if gate_kw:
-        if setting.base != "adamw":
-            raise ConfigError("gated optimizers are AdamW-based; use a setting with base='adamw'")
-        from ..optim import GatedAdamW, PerExampleStats
-
-        stats = gate_kw.pop("stats", "streaming")
-        if stats == "exact":
-            if isinstance(model, EmbeddingMLPEnsemble):
-                model.capture = True
-                ensemble_moments, stats = model, "streaming"  # moments passed at each step
-            elif isinstance(model, StackedEnsemble):
-                raise ConfigError("exact statistics need an unstacked transformer (one seed "
-                                  "per job); GroupJob splits such cells automatically")
-            else:
-                stats = PerExampleStats(model.inner if isinstance(model, _Single) else model)
-        elif stats != "streaming":
-            raise ConfigError(f"stats must be 'exact' or 'streaming', got {stats!r}")
-        opt: torch.optim.Optimizer = GatedAdamW(params, **kw, **gate_kw, stats=stats,
-                                                nonfinite="ignore")
-    elif setting.base == "adam":
-        opt = torch.optim.Adam(params, **kw)
-    else:
-        opt = torch.optim.AdamW(params, **kw)
-    filt = None
-    if spec.get("grokfast") == "ema":
-        from ..optim.grokfast import GrokfastEMA
-
-        filt = GrokfastEMA(params, alpha=spec.get("alpha", 0.98), lamb=spec.get("lamb", 2.0))
-    elif spec.get("grokfast") == "ma":
-        from ..optim.grokfast import GrokfastMA
-
-        filt = GrokfastMA(params, window_size=int(spec.get("window_size", 100)),
-                          lamb=spec.get("lamb", 5.0))
-    return _Trainer(opt, filt, ensemble_moments)
+__all__ = ["Config", "EXPERIMENT", "GroupJob", "GroupResult", "SETTINGS",
+           "Setting", "StackedEnsemble", "parse_optimizer", "plot", "run", "summarize",
+           "table_markdown", "train_group"]
 
 
 def stacks_seeds(setting: Setting, optimizer: str) -> bool:
     """Whether the seeds of a cell can share one stacked model (not: transformer + exact)."""
-    return setting.model == "mlp" or parse_optimizer(optimizer).get("stats") != "exact"
+    return setting.model == "mlp" or parse_optimizer(optimizer).stats != "exact"
 
 
 # -- training one (setting, optimizer) cell over its seeds --------------------------------------
@@ -464,8 +102,7 @@ class GroupResult:
 def relative_cost(job: GroupJob) -> float:
     """A rough per-step cost used only to start the slowest cells first."""
     c = 4.0 if job.setting.model == "transformer" else 1.0
-    spec = parse_optimizer(job.optimizer)
-    if spec.get("stats") == "exact":
+    if parse_optimizer(job.optimizer).stats == "exact":
         c *= 1.5
     if job.setting.batch_size == 0:
         c *= 4.0
@@ -473,7 +110,7 @@ def relative_cost(job: GroupJob) -> float:
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, task: _Task) -> dict[str, Tensor]:
+def _evaluate(model: nn.Module, task: ModularTask) -> dict[str, Tensor]:
     """Train/val accuracy and loss per member ``(E,)`` on every example."""
     E = task.train_idx.shape[0]
     logits = model(task.x[:, None, :].expand(-1, E, -1))  # (N, E, C)
@@ -500,11 +137,13 @@ def train_group(job: GroupJob, device: str = "cpu", *, quiet: bool = True) -> Gr
     dev = torch.device(device)
     task = make_task(st, job.seeds)
     model = build_model(st, task, job.seeds, stacked=stacks_seeds(st, job.optimizer))
-    task = _Task(*(t.to(dev) if isinstance(t, Tensor) else t for t in dataclasses.astuple(task)))
+    task = dataclasses.replace(task, x=task.x.to(dev), y=task.y.to(dev),
+                               train_idx=task.train_idx.to(dev), val_idx=task.val_idx.to(dev))
     model = model.to(dev)
-    trainer = make_trainer(parse_optimizer(job.optimizer), model, st)
-    opt = trainer.optimizer
     E, n_train = task.train_idx.shape
+    batch = n_train if st.batch_size == 0 or st.batch_size >= n_train else st.batch_size
+    built = build_cell_optimizer(job.optimizer, model, st, batch)
+    opt = built.optimizer
     gens = [torch.Generator(device=dev).manual_seed(10_000 + s) for s in job.seeds]
     hit_val: list[int | None] = [None] * E
     hit_train: list[int | None] = [None] * E
@@ -513,12 +152,15 @@ def train_group(job: GroupJob, device: str = "cpu", *, quiet: bool = True) -> Gr
     gate_fracs: list[float] = []
     start, train_seconds, diverged = 0, 0.0, False
     ckpt = Path(job.checkpoint) if job.checkpoint else None
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False, map_location=dev)
+    # a damaged checkpoint is set aside and the cell starts over (its rows are logged only when
+    # it ends, so nothing is duplicated)
+    state = (load_checkpoint(ckpt, redo="the cell is trained from its start", map_location=dev)
+             if ckpt is not None else None)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        if trainer.grad_filter is not None:
-            trainer.grad_filter.load_state_dict(state["grad_filter"])
+        if built.grad_filter is not None:
+            built.grad_filter.load_state_dict(state["grad_filter"])
         for g, gs in zip(gens, state["gens"]):
             g.set_state(gs.cpu())
         start, train_seconds = state["step"], state["train_seconds"]
@@ -545,10 +187,10 @@ def train_group(job: GroupJob, device: str = "cpu", *, quiet: bool = True) -> Gr
                 logits.permute(0, 2, 1), task.y[idx], reduction="none")  # (B, E)
             opt.zero_grad(set_to_none=True)
             per_example.mean(0).sum().backward()
-            trainer.step(idx.shape[0])
+            built.step()
             if step >= st.max_steps:
                 break
-        frac = trainer.gate_pass_fraction()
+        frac = gate_pass_fraction(opt)
         if frac is not None:
             gate_fracs.append(frac)
         if dev.type == "cuda":
@@ -570,7 +212,7 @@ def train_group(job: GroupJob, device: str = "cpu", *, quiet: bool = True) -> Gr
         if all(h is not None for h in hit_val + hit_train) or diverged:
             break
         if ckpt is not None and time.monotonic() - last_ckpt > job.checkpoint_seconds:
-            _save_checkpoint(ckpt, model, trainer, gens, step, train_seconds, hit_val,
+            _save_checkpoint(ckpt, model, built, gens, step, train_seconds, hit_val,
                              hit_train, sec_val, rows, gate_fracs)
             last_ckpt = time.monotonic()
     cells = [{"steps_to_val": hit_val[e], "steps_to_train": hit_train[e],
@@ -582,87 +224,16 @@ def train_group(job: GroupJob, device: str = "cpu", *, quiet: bool = True) -> Gr
     return GroupResult(rows, cells)
 
 
-def _save_checkpoint(path: Path, model: nn.Module, trainer: _Trainer, gens: list, step: int,
+def _save_checkpoint(path: Path, model: nn.Module, built: BuiltOptimizer, gens: list, step: int,
                      train_seconds: float, hit_val: list, hit_train: list, sec_val: list,
                      rows: list, gate_fracs: list) -> None:
-    state = {"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-             "grad_filter": (trainer.grad_filter.state_dict() if trainer.grad_filter is not None
+    state = {"model": model.state_dict(), "optimizer": built.optimizer.state_dict(),
+             "grad_filter": (built.grad_filter.state_dict() if built.grad_filter is not None
                              else None),
              "gens": [g.get_state() for g in gens], "step": step,
              "train_seconds": train_seconds, "hit_val": hit_val, "hit_train": hit_train,
              "sec_val": sec_val, "rows": rows, "gate_fracs": gate_fracs}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-# -- running many cells ---------------------------------------------------------------------------
-def _worker(conn: Any, device: str) -> None:
-    """A pool process: train the jobs the parent sends until it sends ``None``."""
-    torch.set_num_threads(1)
-    conn.send(("ready", None))
-    while True:
-        job = conn.recv()
-        if job is None:
-            return
-        try:
-            conn.send(("done", train_group(job, device)))
-        except Exception:  # report, then keep serving (the parent decides)
-            import traceback
-
-            conn.send(("error", traceback.format_exc()))
-
-
-def run_jobs(jobs: Sequence[GroupJob], *, workers: int = 1, cuda_workers: int = 0,
-             device: str = "cpu") -> Iterator[tuple[GroupJob, GroupResult | str]]:
-    """Yield ``(job, result)`` as cells finish (``result`` is the traceback text of a cell that
-    failed in a worker; the other cells go on).
-
-    ``workers == 1``: in this process, on ``device`` (``auto`` picks CUDA when available).
-    Otherwise ``workers`` processes of one thread each, ``cuda_workers`` of them on the GPU;
-    ``jobs`` should come longest first: a GPU worker takes the longest job left, a CPU worker
-    the shortest, so a slow CPU worker never holds the last long job.
-
-    """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if (device.startswith("cuda") or cuda_workers) and not torch.cuda.is_available():
-        raise ConfigError("a CUDA device was asked for but torch sees no GPU; use --device cpu "
-                          "and --cuda_workers 0")
-    if workers <= 1:
-        for job in jobs:
-            yield job, train_group(job, device)
-        return
-    import multiprocessing as mp
-    from multiprocessing.connection import wait
-
-    ctx = mp.get_context("spawn")
-    pending = list(jobs)
-    conns, procs, running = {}, [], {}
-    for i in range(min(workers, max(len(pending), 1))):
-        parent, child = ctx.Pipe()
-        dev = "cuda" if i < cuda_workers else "cpu"
-        proc = ctx.Process(target=_worker, args=(child, dev), daemon=True)
-        proc.start()
-        conns[parent], running[parent] = dev, None
-        procs.append(proc)
-    try:
-        while conns:
-            for c in wait(list(conns)):
-                kind, payload = c.recv()
-                if kind in ("done", "error"):
-                    yield running[c], payload
-                if pending:
-                    running[c] = pending.pop(0 if conns[c] == "cuda" else -1)
-                    c.send(running[c])
-                else:
-                    c.send(None)
-                    del conns[c]
-    finally:
-        for p in procs:
-            p.join(timeout=1)
-            if p.is_alive():
-                p.terminate()
+    atomic_write_torch(path, state)   # durable: a kill leaves the previous checkpoint whole
 
 
 @dataclasses.dataclass(frozen=True)
@@ -672,7 +243,8 @@ class Config:
     Attributes:
         seed: first seed; the cell trains seeds ``seed … seed + n_seeds − 1``.
         n_seeds: seeds per ``(setting, optimizer)`` cell (≥ 5 for the claim).
-        optimizer: optimizer names (keys of :data:`OPTIMIZERS`, with ``@key=value`` variants).
+        optimizer: optimizer names (:func:`tangentscope.optim.spec.parse_optimizer`, with
+            ``@key=value`` variants).
         setting: setting names (keys of :data:`SETTINGS`).
         op, prime, train_fraction, lr, weight_decay, batch_size, max_steps, eval_every: when
             set, override that field of every setting (``None``: the setting's own value;
@@ -706,6 +278,8 @@ class Config:
     checkpoint_seconds: float = 60.0
 
     def __post_init__(self):
+        check_positive(self, "lr", "train_fraction")
+        check_nonnegative(self, "weight_decay", "checkpoint_seconds")
         if self.n_seeds < 1:
             raise ConfigError(f"n_seeds must be >= 1, got {self.n_seeds}")
         if not 0 < self.target <= 1:
@@ -716,6 +290,7 @@ class Config:
         for s in self.setting:
             if s not in SETTINGS:
                 raise ConfigError(f"unknown setting {s!r}; known: {', '.join(SETTINGS)}")
+            self.resolved_setting(s)  # the overrides, checked by Setting before any work
         for o in self.optimizer:
             parse_optimizer(o)  # raises ConfigError naming the problem
         if not self.optimizer or not self.setting:
@@ -736,10 +311,6 @@ class Config:
 
 def _cell_key(setting: str, optimizer: str, seed: int) -> str:
     return f"{setting}|{optimizer}|seed{seed}"
-
-
-def _group_key(setting: str, optimizer: str) -> str:
-    return f"{setting}|{optimizer}"
 
 
 # -- run ----------------------------------------------------------------------------------------
@@ -775,9 +346,10 @@ def run(cfg: Config, rd: RunDir) -> dict[str, Any]:
             rd.log(**row)
         for seed, cell in zip(job.seeds, res.cells):
             rd.save_cell(_cell_key(job.setting_name, job.optimizer, seed), cell)
-        Path(job.checkpoint).unlink(missing_ok=True)
+        if job.checkpoint is not None:
+            Path(job.checkpoint).unlink(missing_ok=True)
 
-    for job, res in progress(run_jobs(jobs, workers=cfg.workers,
+    for job, res in progress(run_jobs(train_group, jobs, workers=cfg.workers,
                                       cuda_workers=cfg.cuda_workers, device=cfg.device),
                              desc="grokking cells", total=len(jobs)):
         record(job, res)
@@ -789,51 +361,34 @@ def _safe(*parts: str) -> str:
 
 
 # -- summary ------------------------------------------------------------------------------------
-def _stats(values: Sequence[float | None], cap: int) -> dict[str, Any]:
-    """Median / quartiles with censoring: a seed that never reached the target counts as ∞.
-
-    A statistic that lands on a censored seed is ``None`` (read: "> cap"); ``reached`` counts
-    the seeds that did reach it.
-    """
-    xs = sorted(math.inf if v is None else float(v) for v in values)
-    n = len(xs)
-    if n == 0:
-        return {"median": None, "q25": None, "q75": None, "min": None, "max": None, "n": 0,
-                "reached": 0, "cap": cap}
-    fin = lambda x: x if math.isfinite(x) else None  # noqa: E731
-    q = lambda f: fin(float(np.quantile(np.array(xs), f, method="inverted_cdf")))  # noqa: E731
-    med = float(np.median(xs)) if all(math.isfinite(x) for x in xs) else q(0.5)
-    return {"median": med, "q25": q(0.25), "q75": q(0.75), "min": fin(xs[0]),
-            "max": fin(xs[-1]), "n": n, "reached": sum(math.isfinite(x) for x in xs),
-            "cap": cap}
-
-
 def summarize(cfg: Config, cells: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The comparison table (one row per ``setting × optimizer``) and the verdict."""
     rows = []
     for s in cfg.setting:
         cap = cfg.resolved_setting(s).max_steps
-        base = {sd: cells.get(_cell_key(s, "adamw", sd)) for sd in cfg.seeds()}
+        base = {sd: r for sd in cfg.seeds()
+                if (r := cells.get(_cell_key(s, "adamw", sd))) is not None}
         for o in cfg.optimizer:
-            recs = [(sd, cells.get(_cell_key(s, o, sd))) for sd in cfg.seeds()]
-            recs = [(sd, r) for sd, r in recs if r is not None]
+            recs = [(sd, r) for sd in cfg.seeds()
+                    if (r := cells.get(_cell_key(s, o, sd))) is not None]
             if not recs:
                 continue
             val = [r["steps_to_val"] for _, r in recs]
-            st = _stats(val, cap)
+            st = censored_stats(val, cap)
             row = {"setting": s, "optimizer": o, "seeds": [sd for sd, _ in recs],
-                   "steps_to_val": st, "steps_to_train": _stats([r["steps_to_train"]
-                                                                 for _, r in recs], cap),
-                   "seconds_to_val": _stats([r["seconds_to_val"] for _, r in recs], cap),
+                   "steps_to_val": st,
+                   "steps_to_train": censored_stats([r["steps_to_train"] for _, r in recs], cap),
+                   "seconds_to_val": censored_stats([r["seconds_to_val"] for _, r in recs], cap),
                    "seconds_per_step": float(np.median([r["seconds_per_step"] for _, r in recs])),
                    "device": "/".join(sorted({r.get("device", "?") for _, r in recs})),
                    "stacked": max(r.get("n_stacked", 1) for _, r in recs),
                    "gate_pass_fraction": _nanmedian([r.get("gate_pass_fraction") for _, r in recs]),
                    "final_val_acc": float(np.median([r["final_val_acc"] for _, r in recs]))}
-            paired = [_ratio(base[sd]["steps_to_val"], r["steps_to_val"]) for sd, r in recs
-                      if base.get(sd) is not None]
-            row["paired_speedup_median"] = _finite_median(paired)
-            b = _stats([base[sd]["steps_to_val"] for sd, _ in recs if base.get(sd)], cap)
+            paired = [censored_ratio(base[sd]["steps_to_val"], r["steps_to_val"])
+                      for sd, r in recs if sd in base]
+            row["paired_speedup_median"] = censored_median(paired)
+            b = censored_stats([base[sd]["steps_to_val"] for sd, _ in recs if base.get(sd)],
+                               cap)
             row["speedup_vs_adamw"], row["speedup_bound"] = _speedup(b, st, cap)
             rows.append(row)
     out: dict[str, Any] = {"table": rows, "target": cfg.target, "seeds": cfg.seeds(),
@@ -848,24 +403,9 @@ def summarize(cfg: Config, cells: Mapping[str, Mapping[str, Any]]) -> dict[str, 
     return out
 
 
-def _finite_median(xs: Sequence[float | None]) -> float | None:
-    """Median of ratios where ``None`` (both censored) is dropped; ∞ means "at least"."""
-    v = sorted(x for x in xs if x is not None)
-    if not v:
-        return None
-    m = float(np.quantile(np.array(v), 0.5, method="inverted_cdf"))
-    return m if math.isfinite(m) else None
-
-
 def _nanmedian(xs: Sequence[float | None]) -> float | None:
     v = [x for x in xs if x is not None and math.isfinite(x)]
     return float(np.median(v)) if v else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    """``a / b`` of two step counts where ``None`` means "never" (censored): ``None`` unless
-    both are finite."""
-    return None if a is None or b is None else a / b
 
 
 def _speedup(base: Mapping[str, Any], opt: Mapping[str, Any], cap: int
@@ -927,73 +467,17 @@ def table_markdown(summary: Mapping[str, Any]) -> str:
 
 # -- plot ---------------------------------------------------------------------------------------
 def plot(rd: RunDir) -> list[Path]:
-    """Steps-to-target per seed (dots) and median (bar) per optimizer and setting; curves."""
-    from ..viz._mpl import pyplot, save_figure
-
-    plt = pyplot()
+    """Steps-to-target per seed (dots) and median (bar) per optimizer and setting; curves;
+    ``table.md``."""
     summary = rd.read_summary()
     if not summary:
         saved = rd.read_config()["config"]
-        summary = summarize(Config(**{k: tuple(v) if isinstance(v, list) else v
-                                      for k, v in saved.items()}), rd.cells())
-    rows = summary["table"]
+        summary = summarize(make_config(Config, saved), rd.cells())
     cells = rd.cells()
-    settings = list(dict.fromkeys(r["setting"] for r in rows))
-    opts = list(dict.fromkeys(r["optimizer"] for r in rows))
-    paths = []
-    ncol = min(4, len(settings))
-    nrow = -(-len(settings) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.2 + 0.55 * len(opts) * ncol, 3.4 * nrow),
-                             squeeze=False)
-    for ax in axes.flat[len(settings):]:
-        ax.set_visible(False)
-    for ax, s in zip(axes.flat, settings):
-        for i, o in enumerate(opts):
-            r = next((r for r in rows if r["setting"] == s and r["optimizer"] == o), None)
-            if r is None:
-                continue
-            cap = r["steps_to_val"]["cap"]
-            vals = [cells[_cell_key(s, o, sd)]["steps_to_val"] for sd in r["seeds"]]
-            ys = [cap * 1.15 if v is None else v for v in vals]
-            ax.scatter(np.full(len(ys), i) + np.linspace(-0.15, 0.15, len(ys)), ys, s=12,
-                       marker="o", color=f"C{i}", zorder=3)
-            med = r["steps_to_val"]["median"]
-            if med is not None:
-                ax.hlines(med, i - 0.3, i + 0.3, color=f"C{i}", lw=2.5, alpha=0.6)
-            ax.axhline(cap, color="0.6", lw=0.7, ls=":")
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(opts)), opts, rotation=60, ha="right", fontsize=7)
-        ax.set_title(s)
-    for row in axes:
-        row[0].set_ylabel(f"steps to val acc ≥ {summary.get('target', 0.99):.0%}")
-    fig.suptitle("grokking: steps to target per seed (dots; above the dotted cap = never), "
-                 "median (bar)")
-    fig.tight_layout()
-    paths.append(save_figure(fig, rd.figure_path("grokking_steps")))
-
-    metrics = rd.read_metrics()
-    if metrics:
-        fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3.2 * nrow), squeeze=False)
-        for ax in axes.flat[len(settings):]:
-            ax.set_visible(False)
-        seed0 = min(r["seed"] for r in metrics)
-        for ax, s in zip(axes.flat, settings):
-            for i, o in enumerate(opts):
-                pts = [(m["step"], m["val_acc"], m["train_acc"]) for m in metrics
-                       if m["setting"] == s and m["optimizer"] == o and m["seed"] == seed0]
-                if not pts:
-                    continue
-                st, va, tr = map(np.array, zip(*sorted(pts)))
-                ax.plot(st, va, color=f"C{i}", label=o)
-                ax.plot(st, tr, color=f"C{i}", ls="--", lw=0.8)
-            ax.set_xscale("log")
-            ax.set_title(f"{s} (seed {seed0}; dashed = train)")
-            ax.set_xlabel("step")
-        for row in axes:
-            row[0].set_ylabel("accuracy")
-        axes.flat[0].legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(save_figure(fig, rd.figure_path("grokking_curves")))
+    steps = {(r["setting"], r["optimizer"], sd):
+             cells[_cell_key(r["setting"], r["optimizer"], sd)]["steps_to_val"]
+             for r in summary["table"] for sd in r["seeds"]}
+    paths = grokking_figures(rd, summary, steps)
     (rd.path / "table.md").write_text(table_markdown(summary))
     return paths
 

@@ -34,17 +34,28 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .._utils import progress
+from .._utils import eval_mode
+from ..dynamics import kernel_alignment, split_channels
 from ..errors import ConfigError
 from ..io import RunDir
-from . import grokking as G
+from ..kernels import adam_preconditioner, entk
+from ..optim.spec import parse_optimizer
+from ..viz import pyplot, save_figure
 from ._framework import Experiment
+from ._grokking_setup import (
+    SETTINGS,
+    Setting,
+    build_cell_optimizer,
+    build_single_model,
+    make_task,
+)
+from ._harness import progress
 
 __all__ = ["Config", "EXPERIMENT", "run", "plot", "rise_step"]
 
@@ -85,12 +96,12 @@ class Config:
     dtype: str = "float32"
 
     def __post_init__(self):
-        if self.setting not in G.SETTINGS:
-            raise ConfigError(f"unknown setting {self.setting!r}; known: {', '.join(G.SETTINGS)}")
-        if G.SETTINGS[self.setting].model != "mlp":
+        if self.setting not in SETTINGS:
+            raise ConfigError(f"unknown setting {self.setting!r}; known: {', '.join(SETTINGS)}")
+        if SETTINGS[self.setting].model != "mlp":
             raise ConfigError("grokking-theory supports the MLP settings (traced structured "
                               "kernels); pick e.g. --setting ci")
-        G.parse_optimizer(self.optimizer)
+        parse_optimizer(self.optimizer)
         if self.snapshot_every < 1 or self.n_probe < 2 or self.n_seeds < 1:
             raise ConfigError("need snapshot_every >= 1, n_probe >= 2 and n_seeds >= 1")
         if self.precondition not in ("tensor-mean", "exact", "none"):
@@ -98,9 +109,12 @@ class Config:
                               f"{self.precondition!r}")
         if self.dtype not in ("float64", "float32"):
             raise ConfigError(f"dtype must be float64 or float32, got {self.dtype!r}")
+        if self.k is not None and self.k < 1:
+            raise ConfigError(f"k (the channel dimension) must be >= 1, got {self.k}")
+        self.resolved()  # max_steps, checked by Setting before any work
 
-    def resolved(self) -> G.Setting:
-        st = G.SETTINGS[self.setting]
+    def resolved(self) -> Setting:
+        st = SETTINGS[self.setting]
         return st if self.max_steps is None else dataclasses.replace(st, max_steps=self.max_steps)
 
 
@@ -116,14 +130,12 @@ def rise_step(steps: np.ndarray, values: np.ndarray, fraction: float,
     return float(steps[hit[0]]) if len(hit) else math.nan
 
 
-def _channel(K: Tensor, k: int, vectors: dict[str, Tensor]) -> dict[str, float]:
-    from ..dynamics import split_channels
-
+def _channel(K: Tensor, k: int, vectors: dict[str, Tensor]) -> dict[str, Any]:
     lam = torch.linalg.eigvalsh(K).flip(0)
     k = min(k, K.shape[0] - 1)
     cut = float(0.5 * (lam[k - 1] + lam[k]))
     sp = split_channels(K, threshold=cut, mode="absolute", vectors=vectors)
-    out = {name: e.channel_fraction for name, e in sp.energies.items()}
+    out: dict[str, Any] = {name: e.channel_fraction for name, e in sp.energies.items()}
     out["gap"] = float(lam[k - 1] / lam[k]) if lam[k] > 0 else math.inf
     out["top_eigenvector_basis"] = sp.eigenvectors[:, :sp.rank]
     return out
@@ -132,28 +144,32 @@ def _channel(K: Tensor, k: int, vectors: dict[str, Tensor]) -> dict[str, float]:
 def _kernel(model: torch.nn.Module, opt: torch.optim.Optimizer, x: Tensor, precondition: str,
             dtype: torch.dtype) -> Tensor:
     """The traced eNTK ``Σ_a J_a D J_aᵀ`` of ``x`` with the chosen ``D`` (see :class:`Config`)."""
-    from ..kernels import adam_preconditioner, entk
-
     if precondition == "none":
-        return entk(model, x, trace_outputs=True, dtype=dtype)
+        return cast(Tensor, entk(model, x, trace_outputs=True, dtype=dtype))
     D = adam_preconditioner(opt, model)
     if precondition == "exact":
-        return entk(model, x, trace_outputs=True, precondition=D, dtype=dtype)
+        return cast(Tensor, entk(model, x, trace_outputs=True, precondition=D, dtype=dtype))
     blocks = entk(model, x, trace_outputs=True, groups="param", dtype=dtype)
-    return sum(float(D[name].mean()) * K for name, K in blocks.items())
+    assert isinstance(blocks, dict)             # groups="param": one kernel per tensor
+    return cast(Tensor, sum(float(D[name].mean()) * K for name, K in blocks.items()))
+
+
+def _state_name(seed: int) -> str:
+    """The seed's checkpoint (:meth:`RunDir.save_state`), written after every snapshot."""
+    return f"theory-state-seed{seed}"
 
 
 def _one_seed(cfg: Config, seed: int, rd: RunDir) -> dict[str, Any]:
-    from ..dynamics import kernel_alignment
-
     st = cfg.resolved()
     dtype = getattr(torch, cfg.dtype)
-    task = G.make_task(st, [seed])
-    model = G.build_single_model(st, task, seed)
-    trainer = G.make_trainer(G.parse_optimizer(cfg.optimizer), model, st)
-    opt = trainer.optimizer
+    task = make_task(st, [seed])
+    model = build_single_model(st, task, seed)
     gen = torch.Generator().manual_seed(10_000 + seed)
     tr, va = task.train_idx[0], task.val_idx[0]
+    n_train = len(tr)
+    bs = st.batch_size if 0 < st.batch_size < n_train else n_train
+    built = build_cell_optimizer(cfg.optimizer, model, st, bs)
+    opt = built.optimizer
     pick = torch.Generator().manual_seed(20_000 + seed)
     n = min(cfg.n_probe, len(tr), len(va))
     probe_tr = tr[torch.randperm(len(tr), generator=pick)[:n]]
@@ -165,33 +181,30 @@ def _one_seed(cfg: Config, seed: int, rd: RunDir) -> dict[str, Any]:
     k = cfg.k or task.n_classes - 1
     if k >= n:
         raise ConfigError(f"channel dimension k={k} must be below n_probe={n}; raise --n_probe")
-    ckpt = rd.path / f"theory-state-seed{seed}.pt"
-    step, W, K_first, V_first, rows, bases = 0, None, None, None, [], {"K": [], "W": []}
-    if ckpt.exists():
-        s = torch.load(ckpt, weights_only=False)
+    step, W, K_first, V_first, rows = 0, None, None, None, []
+    bases: dict[str, list[Tensor]] = {"K": [], "W": []}
+    s = rd.load_state(name=_state_name(seed))   # durable; a damaged one falls back or restarts
+    if s is not None:
         model.load_state_dict(s["model"])
-        opt.load_state_dict(s["optimizer"])
+        built.load_state_dict(s["optimizer"])
         gen.set_state(s["gen"])
         step, W, K_first, V_first, rows = s["step"], s["W"], s["K_first"], s["V_first"], s["rows"]
         bases = s["bases"]
-    n_train = len(tr)
-    bs = st.batch_size if 0 < st.batch_size < n_train else n_train
     todo = [s for s in range(1, st.max_steps + 1) if s == 1 or s % cfg.snapshot_every == 0]
     todo = [s for s in todo if s > step]
     for target in progress(todo, desc=f"grokking-theory seed {seed}"):
-        model.train()
         while step < target:
             step += 1
             idx = tr[torch.randint(n_train, (bs,), generator=gen)] if bs < n_train else tr
             loss = torch.nn.functional.cross_entropy(model(task.x[idx]), task.y[idx])
-            opt.zero_grad(set_to_none=True)
+            built.zero_grad(set_to_none=True)
             loss.backward()
-            trainer.step(len(idx))
-        model.eval()
-        K = _kernel(model, opt, xp, cfg.precondition, dtype).to(torch.float64)
+            built.step()
+        with eval_mode(model):
+            K = _kernel(model, opt, xp, cfg.precondition, dtype).to(torch.float64)
+            with torch.no_grad():
+                logits = model(task.x).to(torch.float64)
         K_SS, K_QQ = K[:n, :n], K[n:, n:]
-        with torch.no_grad():
-            logits = model(task.x).to(torch.float64)
         g = (logits[probe_tr].softmax(-1) - onehot[probe_tr]) / n  # ∇_u Φ on the probe
         dt = st.lr * (step - (rows[-1]["step"] if rows else 0))
         W = K_SS * dt if W is None else W + K_SS * dt
@@ -200,6 +213,7 @@ def _one_seed(cfg: Config, seed: int, rd: RunDir) -> dict[str, Any]:
         cQ = _channel(K_QQ, k, {"target": Yc_val})
         if K_first is None:
             K_first, V_first = K_SS, cK["top_eigenvector_basis"]
+        assert V_first is not None
         cosines = torch.linalg.svdvals(V_first.T @ cK["top_eigenvector_basis"]).clamp(0, 1)
         pred = logits.argmax(-1)
         row = {"seed": seed, "step": step,
@@ -218,9 +232,10 @@ def _one_seed(cfg: Config, seed: int, rd: RunDir) -> dict[str, Any]:
         rd.log(**row)
         bases["K"].append(cK["top_eigenvector_basis"].float())
         bases["W"].append(cW["top_eigenvector_basis"].float())
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "gen": gen.get_state(), "step": step, "W": W, "K_first": K_first,
-                    "V_first": V_first, "rows": rows, "bases": bases}, ckpt)
+        rd.save_state({"model": model.state_dict(), "optimizer": built.state_dict(),
+                       "gen": gen.get_state(), "step": step, "W": W, "K_first": K_first,
+                       "V_first": V_first, "rows": rows, "bases": bases},
+                      name=_state_name(seed))
     # the function the network ends up computing on the probe (centered logits): when did the
     # channel come to hold it?
     with torch.no_grad():
@@ -261,7 +276,7 @@ def run(cfg: Config, rd: RunDir) -> dict[str, Any]:
         key = f"seed{seed}"
         if key not in done:
             rd.save_cell(key, _one_seed(cfg, seed, rd))
-            (rd.path / f"theory-state-seed{seed}.pt").unlink(missing_ok=True)
+            rd.delete_state(name=_state_name(seed))
         per_seed[seed] = rd.cells()[key]
     orders = {c: [v[f"{c}_half_order"] for v in per_seed.values()] for c in _MIGRATION}
     lags = {c: [math.nan if v[f"{c}_half_lag"] is None else v[f"{c}_half_lag"]
@@ -294,8 +309,6 @@ def _verdict(orders: dict[str, list[str]], lags: dict[str, list[float]]) -> str:
 
 def plot(rd: RunDir) -> list[Path]:
     """One figure per run: accuracy, channel fractions and rotation against step, per seed."""
-    from ..viz._mpl import pyplot, save_figure
-
     plt = pyplot()
     rows = {}
     for r in rd.read_metrics():
@@ -305,7 +318,7 @@ def plot(rd: RunDir) -> list[Path]:
     for i, seed in enumerate(seeds):
         rs = [rows[k] for k in sorted(rows) if k[0] == seed]
         st = np.array([r["step"] for r in rs])
-        col = lambda c: np.array([r[c] for r in rs], dtype=float)  # noqa: E731
+        col = lambda c, rs=rs: np.array([r[c] for r in rs], dtype=float)
         ls = "-" if i == 0 else (":" if i == 1 else "--")
         axes[0].plot(st, col("val_acc"), "C0" + ls, label="val acc" if i == 0 else None)
         axes[0].plot(st, col("train_acc"), "C1" + ls, label="train acc" if i == 0 else None)

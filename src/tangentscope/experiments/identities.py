@@ -17,13 +17,22 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
+from ..dynamics import KernelRecorder, every, identity_residuals
+from ..dynamics.operators import Discretization
+from ..errors import ConfigError
 from ..io import RunDir
+from ..optim.spec import build_optimizer
+from ..viz import pyplot, save_figure
 from ._framework import Experiment
-from .channels import _optimizer, train_recorded
+from ._harness import check_positive, regression_mlp, regression_task, train_recorded
+
+#: The training protocols compared → their optimizer spec: full-batch gradient descent (``gd``),
+#: minibatch SGD (``sgd``, ``batch_size`` examples per step) and full-batch Adam (``adam``).
+PROTOCOLS = {"gd": "sgd", "sgd": "sgd", "adam": "adam"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,15 +57,18 @@ class Config:
     spacings: tuple[int, ...] = (1, 4, 16)
     discretizations: tuple[str, ...] = ("midpoint", "exp", "gd", "euler")
 
+    def __post_init__(self) -> None:
+        check_positive(self, "tau", "adam_tau", "lrs", "adam_lrs")
+        bad = [o for o in self.optimizers if o not in PROTOCOLS]
+        if bad:
+            raise ConfigError(f"unknown optimizer(s) {bad}; one of {tuple(PROTOCOLS)}")
+
 
 def _cell(cfg: Config, opt_kind: str, act: str, lr: float) -> list[dict[str, Any]]:
     """Train one run with every-step snapshots; errors for every spacing × discretization."""
-    from ..dynamics import KernelRecorder, every, identity_residuals
-    from .channels import _data, _model
-
-    data = _data(cfg)  # type: ignore[arg-type]
-    model = _model(cfg.seed, cfg.width, cfg.depth, act)
-    opt = _optimizer(opt_kind, model, lr)  # type: ignore[arg-type]
+    data = regression_task(cfg.n, cfg.noise, cfg.n_test, cfg.noise_fraction, cfg.seed)
+    model = regression_mlp(cfg.seed, cfg.width, cfg.depth, act)
+    opt = build_optimizer(PROTOCOLS[opt_kind], model, lr=lr).optimizer
     tau = cfg.adam_tau if opt_kind == "adam" else cfg.tau
     steps = int(round(tau / lr))
     kinds = cfg.adam_precondition if opt_kind == "adam" else (None,)
@@ -77,7 +89,7 @@ def _cell(cfg: Config, opt_kind: str, act: str, lr: float) -> list[dict[str, Any
                 continue
             sub = traj.select(list(range(0, steps + 1, k)) + ([steps] if steps % k else []))
             for disc in cfg.discretizations:
-                r = identity_residuals(sub, discretization=disc).final()
+                r = identity_residuals(sub, discretization=cast(Discretization, disc)).final()
                 rows.append({"optimizer": opt_kind if kind is None else f"{opt_kind}[{kind}]",
                              "activation": act, "lr": lr, "steps": steps, "spacing": k,
                              "discretization": disc,
@@ -145,7 +157,6 @@ def convergence_table(rows: list[dict[str, Any]], discretizations: tuple[str, ..
 
 def plot(rd: RunDir) -> list[Path]:
     """``table.md`` and the errors against learning rate, per spacing (midpoint)."""
-    from ..viz import pyplot, save_figure
 
     rows = [r for c in rd.cells().values() for r in c["rows"]]
     disc = tuple(dict.fromkeys(r["discretization"] for r in rows))

@@ -42,13 +42,23 @@ import torch
 from .._utils import seed_everything
 from ..data.vision import load_classification
 from ..dynamics import KernelRecorder, channel_timeline, spectral_schedule
-from ..dynamics.phenomena import (classification_error, gd_step_size, linearized_comparison,
-                                  make_optimizer, minnorm_rel_errors, param_vector,
-                                  run_cells, seed_stats, snapshot_schedule, train_network)
+from ..dynamics.label_noise import classification_error
+from ..dynamics.linearized import gd_step_size, linearized_comparison, minnorm_rel_errors
 from ..errors import ConfigError
 from ..io import RunDir
 from ..models import mlp
+from ..optim.spec import build_optimizer
+from ..viz.phenomena import implicit_bias_figures
 from ._framework import Experiment
+from ._harness import (
+    check_positive,
+    optimizer_spec,
+    param_vector,
+    run_cells,
+    seed_table,
+    snapshot_schedule,
+    train_network,
+)
 
 __all__ = ["Config", "EXPERIMENT", "run", "plot", "summarize"]
 
@@ -92,6 +102,7 @@ class Config:
     timeline: int = 12
 
     def __post_init__(self) -> None:
+        check_positive(self, "lr_scale")
         if not self.widths or min(self.widths) < 1 or self.seeds < 1 or self.steps < 1:
             raise ConfigError("widths must be positive, seeds and steps >= 1")
         if not 0 < self.fraction < 1:
@@ -108,11 +119,11 @@ def _cell(cfg: Config, width: int, seed: int) -> tuple[dict, dict]:
     net = mlp(data.dim, width, cfg.depth, 1, activation=cfg.activation).to(torch.float64)
     w0 = param_vector(net.parameters())
     lr = gd_step_size(net, data.x, cfg.lr_scale)
-    opt = make_optimizer("gd", net, lr)
+    opt = build_optimizer(optimizer_spec("gd"), net, lr=lr, weight_decay=0.0)
     Y = data.targets("pm1")
     m = min(cfg.n_probe, data.x_test.shape[0])
     rec = KernelRecorder(net, data.x, Y, loss="squared", x_test=data.x_test[:m],
-                         y_test=data.test_targets("pm1")[:m], optimizer=opt,
+                         y_test=data.test_targets("pm1")[:m], optimizer=opt.optimizer,
                          schedule=snapshot_schedule(cfg.steps, cfg.snapshot_every,
                                                     cfg.log_snapshots),
                          total_steps=cfg.steps, test_gram=False, verbose=False)
@@ -172,7 +183,7 @@ def summarize(cfg: Config, cells: Mapping[str, Mapping[str, Any]]) -> dict[str, 
     for w in cfg.widths:
         rs = [r for r in cells.values() if int(r["width"]) == w]
         if rs:
-            stats = seed_stats(rs)
+            stats = seed_table(rs)
             stats.pop("seed", None)
             stats.pop("width", None)
             table.append({"width": w, "seeds": sorted(r["seed"] for r in rs), **stats})
@@ -181,8 +192,6 @@ def summarize(cfg: Config, cells: Mapping[str, Mapping[str, Any]]) -> dict[str, 
 
 def plot(rd: RunDir) -> list[Path]:
     """Figures from the run directory alone."""
-    from ..viz.phenomena import implicit_bias_figures
-
     return implicit_bias_figures(rd)
 
 

@@ -25,17 +25,14 @@ of the pixels and keeps the checkpoint with the lowest MSE on the held-out noisy
     tangentscope run inr --preset smoke
     tangentscope run inr --preset full
 
-The helpers shared with :mod:`.pinn` (optimizer registry, steps-to-level, aggregation over
-seeds, curve plots) live here.
+The harness shared with :mod:`.pinn` (optimizer registry, steps-to-level, aggregation over
+seeds, curve plots) is :mod:`._fitting`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,255 +40,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._utils import progress, seed_everything
+from .._utils import seed_everything
 from ..errors import ConfigError
 from ..io import RunDir
-from ._framework import Experiment, seed_stats
+from ..models.siren import Siren, pixel_grid
+from ..optim import PerExampleStats
+from ..optim.spec import build_optimizer
+from ..viz import pyplot, save_figure
+from ._fitting import (
+    EARLY_STOPPING,
+    check_common,
+    fit,
+    fit_cells,
+    method_spec,
+    plot_curves,
+    summarize_cells,
+)
+from ._framework import Experiment
+from ._harness import torch_threads
 
-__all__ = ["Config", "EXPERIMENT", "OPTIMIZERS", "build_optimizer", "camera_image", "fit",
-           "median_spread", "plot", "psnr", "run", "run_cells", "steps_to_reach",
-           "summarize_cells", "train_cell"]
-
-# -- optimizers shared with pinn.py -------------------------------------------------------------
-OPTIMIZERS: dict[str, dict[str, Any]] = {
-    "adamw": {"gate": False},
-    "gated": {"gate": True, "stats": "exact", "gate_on": "update"},
-    "gated-grad": {"gate": True, "stats": "exact", "gate_on": "grad"},
-    "gated-moments": {"gate": True, "stats": "exact", "gate_on": "moments"},
-    "gated-streaming": {"gate": True, "stats": "streaming", "gate_on": "update"},
-    "adamw-es": {"gate": False, "early_stop": True},
-}
-
-
-def check_common(cfg: Any) -> None:
-    """Validate the fields both experiments' configs share (ConfigError naming the fix):
-    ``optimizers``, ``sigma``, ``n_seeds``, ``steps``, ``eval_every``, ``batch_size``,
-    ``holdout_fraction``."""
-    if not cfg.optimizers:
-        raise ConfigError(f"optimizers is empty; choose from {', '.join(OPTIMIZERS)}")
-    bad = [n for n in cfg.optimizers if n not in OPTIMIZERS]
-    if bad:
-        raise ConfigError(f"unknown optimizer(s) {bad}; known: {', '.join(OPTIMIZERS)}")
-    if not cfg.sigma >= 0:
-        raise ConfigError(f"sigma must be >= 0, got {cfg.sigma}")
-    for name in ("n_seeds", "steps", "eval_every"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.batch_size < 0 or cfg.batch_size == 1:
-        raise ConfigError(f"batch_size must be 0 (full batch) or >= 2 (the gate needs a "
-                          f"variance), got {cfg.batch_size}")
-    if not 0 < cfg.holdout_fraction < 1:
-        raise ConfigError(f"holdout_fraction must be in (0, 1), got {cfg.holdout_fraction}")
-
-
-def build_optimizer(name: str, params: Iterable[Tensor], *, lr: float, weight_decay: float,
-                    threshold: float = 1.0, stats: Any = "streaming") -> torch.optim.Optimizer:
-    """``torch.optim.AdamW`` or :class:`~tangentscope.optim.GatedAdamW` for a registry name.
-
-    Args:
-        stats: for the exact variants, the statistics source (a ``StatsSource``) — or
-            ``'streaming'`` when the caller passes exact moments to ``step(moments=...)``.
-    """
-    spec = OPTIMIZERS[name]
-    if not spec["gate"]:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    from ..optim import GatedAdamW
-
-    source = "streaming" if spec["stats"] == "streaming" else stats
-    return GatedAdamW(params, lr=lr, weight_decay=weight_decay, gate=True, threshold=threshold,
-                      gate_on=spec["gate_on"], stats=source)
-
-
-def gate_fraction(opt: torch.optim.Optimizer) -> float:
-    """Fraction of coordinates the gate let through at the last step (NaN without a gate)."""
-    if not hasattr(opt, "gate_stats"):
-        return float("nan")
-    st = opt.gate_stats()
-    pairs = [(f, n) for f, n in zip(st["fraction_updated"], st["numel"]) if f is not None]
-    if not pairs:
-        return 1.0
-    return sum(f * n for f, n in pairs) / sum(n for _, n in pairs)
-
-
-def steps_to_reach(steps: np.ndarray, values: np.ndarray, level: float, *,
-                   higher_is_better: bool) -> int | None:
-    """First logged step whose value reaches ``level`` (``None`` if never)."""
-    ok = values >= level if higher_is_better else values <= level
-    idx = np.flatnonzero(ok)
-    return int(steps[idx[0]]) if idx.size else None
-
-
-def median_spread(values: Sequence[float | None]) -> dict[str, Any]:
-    """``{'median', 'min', 'max', 'n', 'missing'}`` over the finite values (``None`` if none)."""
-    s = seed_stats([v if v is not None and math.isfinite(float(v)) else None for v in values],
-                   empty=None)
-    return {k: s[k] for k in ("median", "min", "max", "n", "missing")}
-
-
-def aggregate(cells: Mapping[str, Mapping[str, Any]], names: Sequence[str],
-              metrics: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
-    """``optimizer -> metric -> median_spread`` over the seeds of ``cells`` (keyed
-    ``'<optimizer>/seed<k>'``)."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for name in names:
-        recs = [c for k, c in cells.items() if k.split("/")[0] == name]
-        out[name] = {m: median_spread([r[m] for r in recs if m in r]) for m in metrics}
-    return out
-
-
-def table_markdown(agg: Mapping[str, Mapping[str, Mapping[str, Any]]],
-                   columns: Sequence[tuple[str, str, str]]) -> str:
-    """A markdown table: one row per optimizer, ``median [min–max]`` per ``(metric, header,
-    format)`` column; ``n/N`` marks seeds where the value is missing (never reached)."""
-    head = "| optimizer | " + " | ".join(h for _, h, _ in columns) + " |"
-    lines = [head, "|" + "---|" * (len(columns) + 1)]
-    for name, row in agg.items():
-        cells = []
-        for metric, _, fmt in columns:
-            s = row[metric]
-            if s["median"] is None:
-                cells.append(f"not reached (0/{s['missing']})" if s["missing"] else "–")
-                continue
-            txt = f"{s['median']:{fmt}}"
-            if s["n"] > 1:
-                txt += f" [{s['min']:{fmt}}–{s['max']:{fmt}}]"
-            if s["missing"]:
-                txt += f" ({s['n']}/{s['n'] + s['missing']} reached)"
-            cells.append(txt)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_curves(ax: Any, arrays: Mapping[str, np.ndarray], names: Sequence[str], key: str,
-                transform: Callable[[np.ndarray], np.ndarray] = lambda v: v) -> None:
-    """Median over seeds (line) and min–max (band) of ``arrays['<opt>/seed<k>/<key>']``."""
-    for i, name in enumerate(names):
-        runs = [k.rsplit("/", 1)[0] for k in arrays if k.startswith(name + "/seed")
-                and k.endswith("/" + key)]
-        if not runs:
-            continue
-        steps = arrays[runs[0] + "/step"]
-        vals = np.stack([transform(arrays[r + "/" + key]) for r in runs
-                         if arrays[r + "/" + key].shape == steps.shape])
-        color = f"C{i}"
-        ax.plot(steps, np.median(vals, 0), color=color, label=name, lw=1.4)
-        if len(vals) > 1:
-            ax.fill_between(steps, vals.min(0), vals.max(0), color=color, alpha=0.15, lw=0)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run with ``torch.set_num_threads(n)`` (``n ≤ 0``: leave it), restoring it afterwards.
-
-    These models are small: on a shared CPU one thread is often many times faster than two
-    (threads spin waiting for each other), so the experiments default to 1.
-    """
-    old = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def seeds_of(cfg: Any) -> list[int]:
-    """``seed, seed + 1, …`` (``n_seeds`` of them)."""
-    return list(range(cfg.seed, cfg.seed + cfg.n_seeds))
-
-
-def add_speed(cells: dict[str, dict[str, Any]], arrays: Mapping[str, np.ndarray], key: str,
-              level_of: Callable[[dict[str, Any]], float | None], *,
-              higher_is_better: bool) -> dict[str, dict[str, Any]]:
-    """Add ``steps_to_level`` and ``speedup_vs_adamw`` to every cell (in a copy).
-
-    ``level_of(adamw_cell)`` gives the level for a seed from AdamW's cell of that seed.
-    """
-    out = {k: dict(v) for k, v in cells.items()}
-    for k, c in out.items():
-        ref = cells.get(f"adamw/seed{c['seed']}")
-        level = None if ref is None else level_of(ref)
-        c["level"] = level
-        c["steps_to_level"] = None if level is None else steps_to_reach(
-            arrays[f"{k}/step"], arrays[f"{k}/{key}"], level, higher_is_better=higher_is_better)
-    for c in out.values():
-        ref = out.get(f"adamw/seed{c['seed']}")
-        a, s = (None if ref is None else ref["steps_to_level"]), c["steps_to_level"]
-        c["speedup_vs_adamw"] = a / s if a and s else None
-    return out
-
-
-def fit(cfg: Any, opt: torch.optim.Optimizer, n_rows: int, seed: int,
-        loss_of: Callable[[Tensor | None], Tensor], evaluate: Callable[[int, float], None], *,
-        moments: Callable[[], Mapping[int, Any]] | None = None,
-        before: Callable[[], None] | None = None, desc: str = "") -> float:
-    """The training loop shared by the experiments; returns its wall-clock seconds.
-
-    Each of ``cfg.steps`` steps draws ``cfg.batch_size`` of the ``n_rows`` training rows
-    without replacement (all rows, ``idx = None``, when it is 0), calls ``before()``, then
-    ``loss_of(idx).backward()`` and ``opt.step()`` — with ``moments()`` passed as exact
-    statistics when given. ``evaluate(step, gate fraction)`` runs at step 0, every
-    ``cfg.eval_every`` steps and at the end.
-    """
-    sampler = torch.Generator().manual_seed(40_000 + seed)
-    t0 = time.perf_counter()
-    evaluate(0, float("nan"))
-    for step in progress(range(1, cfg.steps + 1), desc=desc, total=cfg.steps):
-        idx = (torch.randperm(n_rows, generator=sampler)[:cfg.batch_size]
-               if cfg.batch_size else None)
-        if before is not None:
-            before()
-        loss = loss_of(idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if moments is not None:
-            opt.step(moments=moments())
-        else:
-            opt.step()
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            evaluate(step, gate_fraction(opt))
-    return time.perf_counter() - t0
-
-
-def run_cells(cfg: Any, rd: RunDir, train: Callable[[str, int], tuple[dict[str, np.ndarray],
-                                                                      dict[str, Any],
-                                                                      dict[str, np.ndarray]]],
-              final_key: str) -> None:
-    """Train every unfinished ``optimizer × seed`` cell: log its curves to ``metrics.csv``,
-    save them (and, for the first seed, the final fields ``{'end': …, 'es': …}`` as
-    ``<final_key>/<optimizer>`` and ``<final_key>_es/<optimizer>``) to ``arrays.npz``, then
-    record the cell's result in ``cells.jsonl``."""
-    done = rd.cells()
-    for name in cfg.optimizers:          # optimizer-major: list the important ones first
-        for seed in seeds_of(cfg):
-            key = f"{name}/seed{seed}"
-            if key in done:
-                continue
-            curves, result, finals = train(name, seed)
-            for i in range(len(curves["step"])):
-                rd.log(optimizer=name, seed=seed, **{k: v[i] for k, v in curves.items()})
-            extra = {} if seed != cfg.seed else {
-                f"{final_key}{'' if k == 'end' else '_' + k}/{name}": v for k, v in finals.items()}
-            rd.save_arrays(**{f"{key}/{k}": v for k, v in curves.items()}, **extra)
-            rd.save_cell(key, result)
-
-
-def summarize_cells(cfg: Any, rd: RunDir, curve: str,
-                    level_of: Callable[[dict[str, Any]], float | None], *, higher_is_better: bool,
-                    metrics: Sequence[str], columns: Sequence[tuple[str, str, str]],
-                    headline: Sequence[str]) -> dict[str, Any]:
-    """Speed metrics, per-optimizer medians/spreads and ``table.md``; returns the summary
-    (``table``, ``cells`` and ``<optimizer>/<metric>`` medians for the ``headline`` metrics)."""
-    cells = add_speed(rd.cells(), rd.load_arrays(), curve, level_of,
-                      higher_is_better=higher_is_better)
-    agg = aggregate(cells, cfg.optimizers, metrics)
-    (rd.path / "table.md").write_text(table_markdown(agg, columns))
-    summary: dict[str, Any] = {"seeds": seeds_of(cfg), "table": agg, "cells": cells}
-    for name, row in agg.items():
-        for m in headline:
-            summary[f"{name}/{m}"] = row[m]["median"]
-    return summary
-
+__all__ = ["Config", "EXPERIMENT", "camera_image", "plot", "psnr", "run", "train_cell"]
 
 # -- the image ----------------------------------------------------------------------------------
 def camera_image(size: int) -> Tensor:
@@ -361,7 +129,7 @@ class Config:
 
     def __post_init__(self):
         check_common(self)
-        if not (isinstance(self.size, int) and 512 % self.size == 0 and self.size >= 4):
+        if not (isinstance(self.size, int) and self.size >= 4 and 512 % self.size == 0):
             raise ConfigError(f"size must divide 512 and be >= 4, got {self.size}")
 
 
@@ -381,13 +149,9 @@ def train_cell(cfg: Config, name: str, seed: int, clean: Tensor, coords: Tensor
                ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, np.ndarray]]:
     """Fit one SIREN with one optimizer; return ``(curves, result, images)`` with images
     ``{'end': …}`` plus ``'es'`` (the early-stopping checkpoint) for ``adamw-es``."""
-    from ..models.siren import Siren
-    from ..optim import PerExampleStats
-
-    spec = OPTIMIZERS[name]
     noisy = _noisy(clean, cfg.sigma, seed)
     n = clean.shape[0]
-    if spec.get("early_stop"):
+    if name in EARLY_STOPPING:
         train_idx, held_idx = _holdout(n, cfg.holdout_fraction, seed)
     else:
         train_idx, held_idx = torch.arange(n), None
@@ -395,9 +159,8 @@ def train_cell(cfg: Config, name: str, seed: int, clean: Tensor, coords: Tensor
     seed_everything(seed)
     model = Siren(2, cfg.width, cfg.hidden_layers, 1, first_omega_0=cfg.omega_0,
                   hidden_omega_0=cfg.omega_0)
-    stats = PerExampleStats(model) if spec.get("stats") == "exact" else "streaming"
-    opt = build_optimizer(name, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                          threshold=cfg.threshold, stats=stats)
+    opt = build_optimizer(method_spec(name, cfg.threshold), model, lr=cfg.lr,
+                          weight_decay=cfg.weight_decay)
     rows: dict[str, list[float]] = {k: [] for k in ("step", "psnr", "fit_mse", "heldout_mse",
                                                     "fraction")}
     finals: dict[str, np.ndarray] = {}
@@ -420,8 +183,8 @@ def train_cell(cfg: Config, name: str, seed: int, clean: Tensor, coords: Tensor
         return ((model(xb) - yb) ** 2).mean()
 
     seconds = fit(cfg, opt, x.shape[0], seed, loss_of, evaluate, desc=f"inr {name} seed {seed}")
-    if isinstance(stats, PerExampleStats):
-        stats.remove()
+    if isinstance(opt.stats, PerExampleStats):
+        opt.stats.remove()
     curves = {k: np.asarray(v, dtype=float) for k, v in rows.items()}
     i_peak = int(np.argmax(curves["psnr"]))
     result = {"optimizer": name, "seed": seed,
@@ -452,14 +215,12 @@ _COLUMNS = [("peak_psnr", "peak PSNR (dB)", ".2f"), ("peak_step", "step of peak"
 
 def run(cfg: Config, rd: RunDir) -> dict[str, Any]:
     """Train every ``optimizer × seed`` cell (skipping finished ones) and summarize."""
-    from ..models.siren import pixel_grid
-
     clean = camera_image(cfg.size)
     coords = pixel_grid(cfg.size, cfg.size)
     rd.save_arrays(clean=clean.reshape(cfg.size, cfg.size).numpy(),
                    noisy=_noisy(clean, cfg.sigma, cfg.seed).reshape(cfg.size, cfg.size).numpy())
     with torch_threads(cfg.threads):
-        run_cells(cfg, rd, lambda name, seed: train_cell(cfg, name, seed, clean, coords),
+        fit_cells(cfg, rd, lambda name, seed: train_cell(cfg, name, seed, clean, coords),
                   "image")
     return summarize(cfg, rd)
 
@@ -479,8 +240,6 @@ def summarize(cfg: Config, rd: RunDir) -> dict[str, Any]:
 # -- plot ---------------------------------------------------------------------------------------
 def plot(rd: RunDir) -> list[Path]:
     """PSNR and fit-MSE curves (median, min–max band over seeds) and the final images."""
-    from ..viz._mpl import pyplot, save_figure
-
     plt = pyplot()
     cfg = rd.read_config()["config"]
     names = list(cfg["optimizers"])
@@ -508,10 +267,10 @@ def plot(rd: RunDir) -> list[Path]:
     imgs = [("clean", arrays.get("clean")), ("noisy", arrays.get("noisy"))] + [
         (f"{n} ({'early-stopped' if f'image_es/{n}' in arrays else 'end'})",
          arrays.get(f"image_es/{n}", arrays.get(f"image/{n}"))) for n in names]
-    imgs = [(t, im) for t, im in imgs if im is not None]
-    if imgs:
-        fig, axes = plt.subplots(1, len(imgs), figsize=(2.2 * len(imgs), 2.5))
-        for ax, (title, im) in zip(np.atleast_1d(axes), imgs):
+    shown = [(t, im) for t, im in imgs if im is not None]
+    if shown:
+        fig, axes = plt.subplots(1, len(shown), figsize=(2.2 * len(shown), 2.5))
+        for ax, (title, im) in zip(np.atleast_1d(axes), shown):
             ax.imshow(np.clip(im, -1, 1), cmap="gray", vmin=-1, vmax=1)
             ax.set_title(title, fontsize=8)
             ax.axis("off")

@@ -38,11 +38,30 @@ import torch
 from torch import Tensor
 
 from .._utils import seed_everything
+from ..data.burgers import (
+    BurgersPINN,
+    burgers_point_losses,
+    burgers_reference,
+    noisy_burgers_observations,
+    residual_from_derivatives,
+    sample_collocation,
+)
 from ..errors import ConfigError
 from ..io import RunDir
+from ..models.siren import Siren
+from ..optim.spec import build_optimizer
+from ..viz import pyplot, save_figure
+from ._fitting import (
+    EARLY_STOPPING,
+    check_common,
+    fit,
+    fit_cells,
+    method_spec,
+    plot_curves,
+    summarize_cells,
+)
 from ._framework import Experiment
-from .inr import (OPTIMIZERS, build_optimizer, check_common, fit, plot_curves, run_cells,
-                  summarize_cells, torch_threads)
+from ._harness import torch_threads
 
 __all__ = ["Config", "EXPERIMENT", "plot", "run", "train_cell"]
 
@@ -54,7 +73,7 @@ class Config:
     Attributes:
         seed, n_seeds: seeds ``seed … seed + n_seeds − 1``; a seed fixes the observations and
             their noise, the collocation points and the initialisation (paired runs).
-        optimizers: names from :data:`~tangentscope.experiments.inr.OPTIMIZERS`.
+        optimizers: names from :data:`~tangentscope.experiments._fitting.OPTIMIZERS`.
         n_obs, sigma: noisy observations of ``u`` and their noise std.
         n_collocation, n_initial, n_boundary: fixed residual / ``t = 0`` / ``x = ±1`` points.
         pde_weight: weight of the residual term (the others have weight 1).
@@ -124,8 +143,6 @@ class _Problem:
 
 def make_problem(cfg: Config, seed: int, *, early_stop: bool) -> _Problem:
     """Observations, collocation/initial/boundary points and per-point loss weights."""
-    from ..data.burgers import burgers_reference, noisy_burgers_observations, sample_collocation
-
     obs = noisy_burgers_observations(cfg.n_obs, cfg.sigma, seed=seed)
     keep = torch.arange(cfg.n_obs)
     held_tx = held_u = None
@@ -157,17 +174,14 @@ def train_cell(cfg: Config, name: str, seed: int
     """Train one PINN with one optimizer; return ``(curves, result, fields)``: ``u`` on the
     evaluation grid at the end (``'end'``) and, for ``adamw-es``, at the early-stopping
     checkpoint (``'es'``)."""
-    from ..data.burgers import BurgersPINN, burgers_point_losses, residual_from_derivatives
-    from ..models.siren import Siren
-
-    spec = OPTIMIZERS[name]
-    prob = make_problem(cfg, seed, early_stop=bool(spec.get("early_stop")))
+    spec = method_spec(name, cfg.threshold)
+    prob = make_problem(cfg, seed, early_stop=name in EARLY_STOPPING)
     seed_everything(seed)
     pinn = BurgersPINN(Siren(2, cfg.width, cfg.hidden_layers, 1, first_omega_0=cfg.omega_0,
                              hidden_omega_0=cfg.omega_0))
-    exact = spec.get("stats") == "exact"
-    opt = build_optimizer(name, pinn.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                          threshold=cfg.threshold)
+    exact = spec.stats == "exact"    # closed-form per-point moments, passed at each step
+    opt = build_optimizer(spec, pinn, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          moments=pinn.grad_moments if exact else None)
     keys = ("step", "rel_l2", "obs_mse", "obs_clean_mse", "heldout_mse", "residual_mse",
             "fraction")
     rows: dict[str, list[float]] = {k: [] for k in keys}
@@ -180,7 +194,7 @@ def train_cell(cfg: Config, name: str, seed: int
             u_grid = pinn.u(prob.grid_tx)[:, 0]
             u_obs = pinn.u(prob.tx[prob.obs_rows])[:, 0]
             res = residual_from_derivatives(pinn(prob.tx[:prob.n_collocation]))
-            held = (float("nan") if prob.held_tx is None else
+            held = (float("nan") if prob.held_tx is None or prob.held_u is None else
                     float(((pinn.u(prob.held_tx)[:, 0] - prob.held_u) ** 2).mean()))
         if held < min(rows["heldout_mse"], default=float("inf")):   # early-stopping checkpoint
             finals["es"] = u_grid.reshape(cfg.grid_t, cfg.grid_x).numpy()
@@ -198,7 +212,6 @@ def train_cell(cfg: Config, name: str, seed: int
 
     seconds = fit(cfg, opt, prob.tx.shape[0], seed, loss_of, evaluate,
                   before=pinn.record_statistics if exact else None,
-                  moments=pinn.grad_moments if exact else None,
                   desc=f"pinn {name} seed {seed}")
     curves = {k: np.asarray(v, dtype=float) for k, v in rows.items()}
     i_min = int(np.argmin(curves["rel_l2"]))
@@ -222,7 +235,7 @@ def train_cell(cfg: Config, name: str, seed: int
 def run(cfg: Config, rd: RunDir) -> dict[str, Any]:
     """Train every ``optimizer × seed`` cell (skipping finished ones) and summarize."""
     with torch_threads(cfg.threads):
-        run_cells(cfg, rd, lambda name, seed: train_cell(cfg, name, seed), "u")
+        fit_cells(cfg, rd, lambda name, seed: train_cell(cfg, name, seed), "u")
     return summarize(cfg, rd)
 
 
@@ -250,9 +263,6 @@ def summarize(cfg: Config, rd: RunDir) -> dict[str, Any]:
 
 def plot(rd: RunDir) -> list[Path]:
     """Error and observation-MSE curves (median, min–max over seeds) and the solutions."""
-    from ..data.burgers import burgers_reference
-    from ..viz._mpl import pyplot, save_figure
-
     plt = pyplot()
     cfg = rd.read_config()["config"]
     names = list(cfg["optimizers"])

@@ -1,4 +1,5 @@
-"""How good is the validation-free population-risk estimate? (SPEC.md component E)
+"""How good is the validation-free population-risk estimate? (docs/notation.md: the
+validation-free population-risk estimate)
 
 The claim (the essay, the preprint's abstract): the leave-one-out argument behind the gate gives
 "an exact population-risk objective from a single training run with no validation data". This
@@ -22,7 +23,7 @@ minimum. Run: ``tangentscope run poprisk-estimate --preset full``.
 from __future__ import annotations
 
 import dataclasses
-import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,11 +32,19 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .._utils import progress, seed_everything
+from .._utils import seed_everything
+from ..data import modular_arithmetic, noisy_1d_regression
+from ..data.digits import noisy_digits
+from ..errors import ConfigError
 from ..io import RunDir
+from ..models import EmbeddingMLP, mlp
+from ..optim import GatedAdamW, PopulationRiskEstimator, curve_agreement, stopping_step
+from ..optim.spec import build_optimizer, parse_optimizer
+from ..viz import pyplot, save_figure
 from ._framework import Experiment
+from ._harness import check_nonnegative, check_positive, progress, seed_table
 
-__all__ = ["Config", "EXPERIMENT", "run", "plot"]
+__all__ = ["Config", "EXPERIMENT", "EstimateTask", "epoch_batches", "make_task", "run", "plot"]
 
 TASKS = ("regression", "digits", "modular")
 CURVES = ("estimate", "measured", "train_first_order")
@@ -51,7 +60,9 @@ class Config:
         steps, eval_every, batch_size, lr: training length, held-out evaluation interval,
             minibatch size (sampled without replacement within an epoch), AdamW learning rate
             (regression and digits).
-        gate: the optimizer (``off`` = AdamW; ``hard``/``soft`` = GatedAdamW's gate).
+        gate: the optimizer (``off`` = AdamW through ``gated@gate=false``; ``hard``/``soft`` =
+            GatedAdamW's gate; :mod:`tangentscope.optim.spec` names ``gated`` and
+            ``gated-streaming``).
         stats: ``exact`` (per-example closed forms) or ``streaming`` noise estimates.
         measured: also evaluate each batch after its step (one extra forward) for the
             curvature-including ``measured`` curve.
@@ -90,8 +101,8 @@ class Config:
     mod_width: int = 64
 
     def __post_init__(self):
-        from ..errors import ConfigError
-
+        check_positive(self, "lr", "mod_lr")
+        check_nonnegative(self, "mod_weight_decay", "reg_noise", "digits_noise")
         for name in ("n_seeds", "steps", "eval_every", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -105,7 +116,10 @@ class Config:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Task:
+class EstimateTask:
+    """One task of the experiment: training and held-out data, the model (initialized), the
+    per-example-mean loss and the AdamW hyper-parameters."""
+
     x: Tensor
     y: Tensor
     x_test: Tensor
@@ -120,33 +134,29 @@ def _half_mse(out: Tensor, y: Tensor) -> Tensor:
     return 0.5 * ((out - y) ** 2).sum(-1).mean()
 
 
-def _make_task(cfg: Config, name: str, seed: int) -> _Task:
-    from ..models import mlp
-
+def make_task(cfg: Config, name: str, seed: int) -> EstimateTask:
+    """The task ``name`` (one of :data:`TASKS`) of ``cfg`` for ``seed`` (the model is initialized
+    after ``seed_everything(seed)``)."""
     seed_everything(seed)
     if name == "regression":
-        from ..data import noisy_1d_regression
-
         d = noisy_1d_regression(cfg.reg_n, cfg.reg_noise, seed=seed)
         held = noisy_1d_regression(2000, cfg.reg_noise, seed=10_000 + seed)   # fresh noisy draw
-        return _Task(d.x, d.y, held.x, held.y, mlp(1, cfg.reg_width, 2, 1, activation="tanh"),
-                     _half_mse, 0.0, cfg.lr)
+        return EstimateTask(d.x, d.y, held.x, held.y,
+                            mlp(1, cfg.reg_width, 2, 1, activation="tanh"), _half_mse, 0.0,
+                            cfg.lr)
     if name == "digits":
-        from ..data.digits import noisy_digits
-
-        d = noisy_digits(cfg.digits_n, cfg.digits_noise, seed=seed)
-        return _Task(d.x, d.y, d.x_test, d.y_test, mlp(64, cfg.digits_width, 2, 10),
-                     F.cross_entropy, 0.0, cfg.lr)
-    from ..data import modular_arithmetic
-    from ..models.embedding_mlp import EmbeddingMLP
-
-    d = modular_arithmetic(cfg.mod_p, cfg.mod_op, cfg.mod_train_fraction, seed=seed)
+        dg = noisy_digits(cfg.digits_n, cfg.digits_noise, seed=seed)
+        return EstimateTask(dg.x, dg.y, dg.x_test, dg.y_test, mlp(64, cfg.digits_width, 2, 10),
+                            F.cross_entropy, 0.0, cfg.lr)
+    dm = modular_arithmetic(cfg.mod_p, cfg.mod_op, cfg.mod_train_fraction, seed=seed)
     model = EmbeddingMLP(cfg.mod_p, d_embed=cfg.mod_d_embed, width=cfg.mod_width)
-    return _Task(d.x_train, d.y_train, d.x_val, d.y_val, model, F.cross_entropy,
-                 cfg.mod_weight_decay, cfg.mod_lr)
+    return EstimateTask(dm.x_train, dm.y_train, dm.x_val, dm.y_val, model, F.cross_entropy,
+                        cfg.mod_weight_decay, cfg.mod_lr)
 
 
-def _batches(n: int, b: int, g: torch.Generator):
+def epoch_batches(n: int, b: int, g: torch.Generator) -> Iterator[Tensor]:
+    """Minibatch indices ``(b,)`` without replacement within an epoch of ``n`` examples
+    (the last ``n mod b`` of each shuffled epoch are dropped), for ever."""
     while True:
         perm = torch.randperm(n, generator=g)
         for s in range(0, n - b + 1, b):
@@ -154,23 +164,23 @@ def _batches(n: int, b: int, g: torch.Generator):
 
 
 @torch.no_grad()
-def _eval(task: _Task) -> tuple[float, float]:
+def _eval(task: EstimateTask) -> tuple[float, float]:
     return (float(task.loss(task.model(task.x), task.y)),
             float(task.loss(task.model(task.x_test), task.y_test)))
 
 
 def _train_one(cfg: Config, name: str, seed: int) -> dict[str, np.ndarray]:
     """One run; returns the curves sampled at the evaluation steps."""
-    from ..optim import GatedAdamW, PerExampleStats, PopulationRiskEstimator
-
-    task = _make_task(cfg, name, seed)
+    task = make_task(cfg, name, seed)
     model = task.model
-    stats = PerExampleStats(model) if cfg.stats == "exact" else "streaming"
     gate = False if cfg.gate == "off" else cfg.gate
-    opt = GatedAdamW(model.parameters(), lr=task.lr, weight_decay=task.weight_decay, gate=gate,
-                     stats=stats)
+    spec = parse_optimizer("gated" if cfg.stats == "exact" else "gated-streaming")
+    built = build_optimizer(spec.replace(gate=gate), model, lr=task.lr,
+                            weight_decay=task.weight_decay)
+    opt = built.optimizer
+    assert isinstance(opt, GatedAdamW)
     est = PopulationRiskEstimator(opt)
-    batches = _batches(task.x.shape[0], min(cfg.batch_size, task.x.shape[0]),
+    batches = epoch_batches(task.x.shape[0], min(cfg.batch_size, task.x.shape[0]),
                        torch.Generator().manual_seed(seed))
     rows: dict[str, list[float]] = {k: [] for k in ("step", "train", "heldout", "gate_fraction")}
     for step in progress(range(cfg.steps + 1), desc=f"{name} seed {seed}", total=cfg.steps + 1):
@@ -202,8 +212,6 @@ def _train_one(cfg: Config, name: str, seed: int) -> dict[str, np.ndarray]:
 
 
 def _summarize(cfg: Config, c: dict[str, np.ndarray]) -> dict[str, Any]:
-    from ..optim import curve_agreement, stopping_step
-
     held = c["heldout"]
     oracle = int(np.argmin(held))
     out: dict[str, Any] = {"oracle_step": int(c["step"][oracle]),
@@ -212,7 +220,7 @@ def _summarize(cfg: Config, c: dict[str, np.ndarray]) -> dict[str, Any]:
     for k in CURVES + ("train",):
         agree = curve_agreement(c[k], held)
         out[f"{k}_pearson"], out[f"{k}_spearman"] = agree["pearson"], agree["spearman"]
-        stop, best = stopping_step(c[k], patience=cfg.patience)
+        _stop, best = stopping_step(c[k], patience=cfg.patience)
         out[f"{k}_stop_step"] = int(c["step"][best])
         out[f"{k}_stop_heldout"] = float(held[best])
         out[f"{k}_stop_regret"] = float(held[best] - held[oracle])
@@ -246,13 +254,7 @@ def _run(cfg: Config, rd: RunDir) -> dict[str, Any]:
             per_task[name].append(done[key])
     summary: dict[str, Any] = {"tasks": {}}
     for name, recs in per_task.items():
-        agg = {}
-        for k in recs[0]:
-            vals = [r[k] for r in recs if isinstance(r[k], (int, float)) and r[k] is not None
-                    and math.isfinite(r[k])]
-            if vals:
-                agg[k] = {"median": float(np.median(vals)), "min": float(min(vals)),
-                          "max": float(max(vals)), "n": len(vals)}
+        agg = seed_table(recs, list(recs[0]))
         summary["tasks"][name] = {"per_seed": recs, "aggregate": agg}
         for k in ("estimate_pearson", "estimate_spearman", "train_spearman",
                   "estimate_stop_heldout", "oracle_heldout", "final_heldout"):
@@ -262,12 +264,10 @@ def _run(cfg: Config, rd: RunDir) -> dict[str, Any]:
 
 
 def plot(rd: RunDir) -> list[Path]:
-    from ..viz._mpl import pyplot, save_figure
-
     plt = pyplot()
     arrays = rd.load_arrays()
     tasks = sorted({k.split("-seed")[0] for k in arrays})
-    paths = []
+    paths: list[Path] = []
     if not tasks:
         return paths
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)

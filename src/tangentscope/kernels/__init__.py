@@ -1,15 +1,27 @@
-"""Kernels: the empirical NTK, its matrix-free operator, output-space losses, preconditioners."""
+"""Kernels: the empirical NTK (one table of backends), its matrix-free operator, preconditioners.
 
-from .entk import entk, estimate_memory, flatten_kernel, unflatten_kernel
+Output-space losses live in :mod:`tangentscope.losses`.
+"""
+
+from .entk import (
+    IMPLEMENTATIONS,
+    Implementation,
+    ImplementationChoice,
+    MemoryEstimate,
+    entk,
+    estimate_memory,
+    flatten_kernel,
+    select_implementation,
+    unflatten_kernel,
+)
 from .functional import FunctionalModel, functionalize
-from .losses import (CrossEntropyLoss, OutputLoss, PerExampleLoss, SquaredLoss, dense_hessian,
-                     get_loss, hessian_matvec)
-from .operator import EntkOperator, Eigenpairs, entk_topk, lanczos_topk
+from .operator import Eigenpairs, EntkOperator, entk_topk, lanczos_topk
 from .precondition import adam_preconditioner
+from .structured import StructuredPlan, structured_plan
 
 __all__ = [
-    "entk", "estimate_memory", "flatten_kernel", "unflatten_kernel", "FunctionalModel",
-    "functionalize", "CrossEntropyLoss", "OutputLoss", "PerExampleLoss", "SquaredLoss",
-    "dense_hessian", "get_loss", "hessian_matvec", "EntkOperator", "Eigenpairs", "entk_topk",
-    "lanczos_topk", "adam_preconditioner",
+    "entk", "estimate_memory", "select_implementation", "Implementation",
+    "ImplementationChoice", "MemoryEstimate", "IMPLEMENTATIONS", "flatten_kernel",
+    "unflatten_kernel", "FunctionalModel", "functionalize", "EntkOperator", "Eigenpairs",
+    "entk_topk", "lanczos_topk", "adam_preconditioner", "StructuredPlan", "structured_plan",
 ]

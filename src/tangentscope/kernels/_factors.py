@@ -2,9 +2,10 @@
 
 A :class:`Block` is a set of parameters contracted together (a weight and its bias merge into
 one augmented weight ``[W | b]`` acting on ``[a, 1]``). ``Side`` holds one chunk's recorded
-layer inputs and sensitivities ``δ`` and builds, lazily and cached, the factors the routes need:
-``U`` (sensitivities over positions), ``V`` (inputs), token ids, or ``X`` (per-example gradients
-of the block alone). Shapes: ``c`` examples, ``p`` outputs, ``L`` positions.
+layer calls and sensitivities ``δ`` and builds, lazily and cached, the factors the routes need
+from the calls' derivative rules (:mod:`tangentscope.derivatives`): ``U`` (sensitivities over
+positions), ``V`` (inputs), token ids, or ``X`` (per-example gradients of the block alone).
+Shapes: ``c`` examples, ``p`` outputs, ``L`` positions.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._capture import Recording, sensitivities
@@ -22,9 +22,11 @@ from ._capture import Recording, sensitivities
 __all__ = ["Block", "Side", "contract_block", "block_preconditioner"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Block:
     """Parameters contracted together, from one or more recorded calls of one layer kind.
+
+    Compared and hashed by identity: blocks key the per-chunk factor caches in the hot loop.
 
     Attributes:
         kind: ``"linear"``, ``"conv"``, ``"embedding"`` or ``"norm"``.
@@ -55,7 +57,9 @@ class Side:
 
     def __init__(self, rec: Recording, p: int):
         self.c, self.p = rec.out.shape[0], p
-        self.data = [c.data for c in rec.calls]
+        self.out = rec.out.detach()
+        self.differentiable = bool(rec.out.requires_grad)
+        self.calls = rec.calls
         self.delta = sensitivities(rec, p)
         self.cache: dict[Any, Tensor] = {}
 
@@ -84,8 +88,7 @@ class Side:
         def build() -> Tensor:
             vs = []
             for k in b.calls:
-                a = self.data[k]["a"]
-                a = a.reshape(self.c, -1, a.shape[-1])
+                a = self.calls[k].rule.positions(self.calls[k].data, self.c)
                 vs.append(a[..., :0] if b.roles == ("bias",) else a)
             return vs[0] if len(vs) == 1 else torch.cat(vs, dim=1)
         return self._cached(("V", b), build)
@@ -101,20 +104,25 @@ class Side:
     def tokens(self, b: Block) -> Tensor:
         """``(c, L)`` token ids, ``-1`` where the embedding gives no gradient (``padding_idx``)."""
         def build() -> Tensor:
-            ts = []
-            for k in b.calls:
-                t = self.data[k]["tokens"].reshape(self.c, -1).long()
-                pad = self.data[k]["padding_idx"]
-                ts.append(t if pad is None else t.masked_fill(t == pad, -1))
+            ts = [self.calls[k].rule.positions(self.calls[k].data, self.c) for k in b.calls]
             return ts[0] if len(ts) == 1 else torch.cat(ts, dim=1)
         return self._cached(("tok", b), build)
 
     def X(self, b: Block, D: Tensor | None) -> Tensor:
         """``(c, p, m)`` per-example gradients of the block's parameters, times ``D`` if given."""
-        x = self._cached(("X", b), lambda: _MATERIALIZE[b.kind](self, b))
+        x = self._cached(("X", b), lambda: self._materialize(b))
         if D is None:
             return x
         return self._cached(("XD", b), lambda: x * D)
+
+    def _materialize(self, b: Block) -> Tensor:
+        out = None
+        for k in b.calls:
+            call = self.calls[k]
+            g = call.rule.per_example(call.data, self.delta[k], b.roles)
+            out = g if out is None else out + g
+        assert out is not None
+        return out
 
 
 class _Rows:
@@ -138,58 +146,6 @@ class _Rows:
 
     def X(self, b: Block, D: Tensor | None) -> Tensor:
         return self.side.X(b, D)[self.sl]
-
-
-def _mat_linear(s: Side, b: Block) -> Tensor:
-    return torch.einsum("cpso,csi->cpoi", s.U(b), s.V1(b)).reshape(s.c, s.p, b.m)
-
-
-def _mat_conv(s: Side, b: Block) -> Tensor:
-    out = None
-    for k in b.calls:
-        d, delta = s.data[k], s.delta[k]
-        g = d["groups"]
-        L = delta[0, 0, 0].numel()
-        dl = delta.reshape(s.c, s.p, g, b.d_out // g, L)
-        if b.roles == ("bias",):
-            blk = dl.sum(-1).reshape(s.c, s.p, b.d_out)
-        else:
-            (t, bo), (le, r) = d["pads"]
-            a = F.pad(d["a"], (le, r, t, bo))
-            cols = F.unfold(a, d["kernel"], dilation=d["dilation"], stride=d["stride"])
-            cols = cols.reshape(s.c, g, -1, L)
-            if "bias" in b.roles:
-                cols = torch.cat([cols, cols.new_ones(s.c, g, 1, L)], dim=2)
-            blk = torch.einsum("cpgol,cgql->cpgoq", dl, cols).reshape(s.c, s.p, b.m)
-        out = blk if out is None else out + blk
-    assert out is not None
-    return out
-
-
-def _mat_embedding(s: Side, b: Block) -> Tensor:
-    u, tok = s.U(b), s.tokens(b)  # (c, p, L, d), (c, L)
-    V, d = b.d_in, b.d_out
-    idx = tok.clamp(min=0)[:, :, None, None].expand(-1, -1, s.p, d)
-    g = u.new_zeros(s.c, V, s.p, d).scatter_add_(1, idx, u.permute(0, 2, 1, 3))
-    return g.permute(0, 2, 1, 3).reshape(s.c, s.p, V * d)
-
-
-def _mat_norm(s: Side, b: Block) -> Tensor:
-    out = None
-    for k in b.calls:
-        d, delta = s.data[k], s.delta[k]
-        xh = d["xhat"]
-        if d["channel_first"]:
-            delta, xh = delta.movedim(2, -1), xh.movedim(1, -1)
-        dl = delta.reshape(s.c, s.p, -1, b.m)
-        blk = (dl if b.roles == ("bias",) else dl * xh.reshape(s.c, 1, -1, b.m)).sum(2)
-        out = blk if out is None else out + blk
-    assert out is not None
-    return out
-
-
-_MATERIALIZE: dict[str, Callable[[Side, Block], Tensor]] = {
-    "linear": _mat_linear, "conv": _mat_conv, "embedding": _mat_embedding, "norm": _mat_norm}
 
 
 # -- contraction of one block between two chunks -----------------------------------------------
@@ -225,7 +181,7 @@ def contract_block(acc: Tensor, b: Block, s1: Any, s2: Any, route: str, trace: b
     u1, u2 = s1.U(b), s2.U(b)
     if route == "hadamard":
         vv = _gram(s1.V(b)[:, 0], s2.V(b)[:, 0], "bias" in b.roles)
-        if trace:
+        if trace or p == 1:  # (c1, c2) either way
             acc.addcmul_(u1.reshape(c1, -1) @ u2.reshape(c2, -1).T, vv)
         else:
             uu = u1.reshape(c1 * p, -1) @ u2.reshape(c2 * p, -1).T

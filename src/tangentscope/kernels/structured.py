@@ -19,12 +19,16 @@ of three exact contractions ("routes") is used:
 Affine normalizations contribute ``Σ_s δ ⊙ x̂`` (weight) and ``Σ_s δ`` (bias). Parameters used in
 any other way go through the generic Jacobian path for those parameters only and are added in.
 On the diagonal of a symmetric kernel only the upper tiles of each Gram are computed.
+
+The per-layer factorizations are the rules of :mod:`tangentscope.derivatives`. This module is
+the ``"structured"`` backend of :func:`tangentscope.entk`: :func:`structured_plan` (computed
+once per call by the implementation choice and passed down), :func:`cost` and
+:func:`compute`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,15 +37,29 @@ from torch import Tensor
 
 from .._utils import progress
 from ..errors import TangentscopeError, UnsupportedModelError
+from . import _jacobian
 from ._capture import Recording, record
 from ._factors import Block, Side, block_preconditioner, contract_block
+from ._plan import (
+    SAFETY,
+    Request,
+    WorkFn,
+    activation_bytes,
+    block_pairs,
+    check_independent,
+    chunks,
+    probe,
+    probe_model,
+)
 from .functional import FunctionalModel, functionalize
 
-__all__ = ["Block", "StructuredPlan", "structured_plan", "supports", "entk_structured",
-           "working_floats", "generic_numel"]
+__all__ = ["Block", "StructuredPlan", "structured_plan", "batch_dependence", "supports",
+           "working_floats", "generic_numel", "cost", "compute", "confirm",
+           "DataDependentForward", "COVERAGE"]
 
-_COVERAGE = 0.5  # "auto" picks structured when at least this fraction of P is factored
-_LAYERS = "Linear, Conv1d/2d, Embedding, LayerNorm/RMSNorm/GroupNorm, eval-mode BatchNorm"
+COVERAGE = 0.5  # "auto" picks structured when at least this fraction of P is factored
+_LAYERS = ("Linear, Conv1d/2d, Embedding, LayerNorm/RMSNorm/GroupNorm, eval-mode BatchNorm "
+           "and layers added with tangentscope.derivatives.register_rule")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +74,10 @@ class StructuredPlan:
         total: all trainable scalars ``P``.
         p: number of outputs.
         recorded: floats kept per example for ``p = 1``: ``(layer inputs, layer outputs)``.
-        graph: floats autograd saves per example in the recording forward.
+        graph: floats per example of the forward's intermediate outputs (batch first): an
+            upper bound of what autograd saves when a chunk is recorded.
+        out1: the model's outputs ``(1, p)`` on ``x[:1]`` as recorded (the first chunk of
+            the kernel is checked against them: examples must not interact).
     """
 
     blocks: tuple[Block, ...]
@@ -67,6 +88,7 @@ class StructuredPlan:
     p: int
     recorded: tuple[int, int]
     graph: float
+    out1: Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def coverage(self) -> float:
@@ -83,18 +105,8 @@ def _sig(rec: Recording) -> tuple:
 
 
 def _call_sizes(call: Any) -> tuple[int, int, int, int]:
-    """``(d_out, d_in features, positions, input floats)`` of a call recorded on one example."""
-    z, d = call.z, call.data
-    if call.kind == "linear":
-        a = d["a"]
-        return z.shape[-1], a.shape[-1], a.numel() // a.shape[-1], a.numel()
-    if call.kind == "conv":
-        a, g = d["a"], d["groups"]
-        k = d["kernel"][0] * d["kernel"][1]
-        return z.shape[1], a.shape[1] // g * k, z[0, 0].numel(), a.numel() * (1 + k)
-    if call.kind == "embedding":
-        return z.shape[-1], 0, d["tokens"].numel(), d["tokens"].numel()
-    return 0, 0, 0, d["xhat"].numel()
+    """``(d_out, d_in features, positions, input floats)`` of a call, per example."""
+    return call.rule.sizes(call.data, call.z)
 
 
 def _roles(rec: Recording) -> tuple[dict[str, set[tuple[str, str]]], dict[str, list[int]]]:
@@ -108,7 +120,8 @@ def _roles(rec: Recording) -> tuple[dict[str, set[tuple[str, str]]], dict[str, l
 
 
 def _blocks(r1: Recording, fm: FunctionalModel, generic: Mapping[str, str],
-            groups: Mapping[str, list[str]] | None) -> list[Block]:
+            groups: Mapping[str, list[str]] | None,
+            call_sizes: list[tuple[int, int, int, int]]) -> list[Block]:
     roles, calls_of = _roles(r1)
     group_of = {n: g for g, ns in (groups or {}).items() for n in ns}
     ok = {n for n in roles if n not in generic}
@@ -119,7 +132,7 @@ def _blocks(r1: Recording, fm: FunctionalModel, generic: Mapping[str, str],
             continue
         kind, role = next(iter(roles[n]))
         cs = tuple(calls_of[n])
-        sizes = [_call_sizes(r1.calls[k]) for k in cs]
+        sizes = [call_sizes[k] for k in cs]
         d_out, feat, L = sizes[0][0], sizes[0][1], sum(s[2] for s in sizes)
         names, rls = [n], [role]
         if kind in ("linear", "conv") and role == "weight":
@@ -142,107 +155,80 @@ def _blocks(r1: Recording, fm: FunctionalModel, generic: Mapping[str, str],
     return blocks
 
 
-def _coupled(alone: Tensor, in_batch: Tensor) -> bool:
-    """Whether one example's outputs differ beyond rounding when computed alone or in a batch."""
-    tol = 1e-8 if alone.dtype == torch.float64 else 1e-3
-    return not torch.allclose(alone, in_batch, rtol=tol,
-                              atol=tol * (1 + float(alone.abs().max())))
-
-
 def structured_plan(model: Any, x: Tensor, groups: Mapping[str, list[str]] | None = None
                     ) -> StructuredPlan:
-    """Which parameters the structured eNTK factors, by recording the forward on 1 and 2 examples.
+    """Which parameters the structured eNTK factors, by recording the forward on one example.
 
     Args:
         model: an ``nn.Module`` or :class:`~tangentscope.kernels.functional.FunctionalModel`.
-        x: inputs ``(n, ...)`` (only the first two examples are used).
+        x: inputs ``(n, ...)`` (only the first example is used).
         groups: ``group -> [names]``; a weight and its bias are merged only within one group.
 
     Returns:
         the :class:`StructuredPlan`; ``plan.generic`` says why each other parameter is generic.
+        Chunks of the kernel are recorded against it: a forward that records other layer calls
+        for other inputs or batch sizes is refused then (``implementation='jacobian'``).
     """
     fm = model if isinstance(model, FunctionalModel) else functionalize(model)
-    x2 = x[:2] if x.shape[0] >= 2 else torch.cat([x[:1], x[:1]])
-    r1 = record(fm.apply, fm.params, x[:1], count_saved=True)
-    r2 = record(fm.apply, fm.params, x2, count_saved=True)
-    generic = {**r1.generic, **r2.generic}
-    reason = None
-    if _sig(r1) != _sig(r2):
-        reason = "the forward records different layer calls for 1 and 2 examples"
-    elif _coupled(r1.out.detach()[0], r2.out.detach()[0]):
-        reason = ("the model couples the examples of a batch (the outputs of x[0] change when "
-                  "x[1] joins the batch); the structured path needs independent examples")
-    if reason:
-        for c in r1.calls + r2.calls:
-            for n in c.names.values():
-                generic.setdefault(n, reason)
+    r1 = record(fm.apply, fm.params, x[:1], grad=False)
+    generic = dict(r1.generic)
     for n, rs in _roles(r1)[0].items():
         if len(rs) > 1:
             generic.setdefault(n, f"it fills several roles {sorted(rs)} (tied across layer kinds)")
-    graph = max(r2.saved_bytes - r1.saved_bytes, 0) / r1.out.element_size()
+    graph = float(r1.activations)
+    out1 = r1.out.detach()
     if generic:  # chunks are recorded without tracking these: plan on the same calls
-        r1 = record(fm.apply, fm.params, x[:1], skip=generic)
-    blocks = _blocks(r1, fm, generic, groups)
+        r1 = record(fm.apply, fm.params, x[:1], skip=generic, grad=False)
+    sizes = [_call_sizes(c) for c in r1.calls]
+    blocks = _blocks(r1, fm, generic, groups, sizes)
     numel = {k: v.numel() for k, v in fm.params.items()}
     total = sum(numel.values())
     covered = total - sum(numel[n] for n in generic if n in numel)
-    recorded = (sum(_call_sizes(c)[3] for c in r1.calls), sum(c.z.numel() for c in r1.calls))
+    recorded = (sum(s[3] for s in sizes), sum(c.z.numel() // c.z.shape[0] for c in r1.calls))
     return StructuredPlan(tuple(blocks), dict(generic), _sig(r1), covered, total,
-                          r1.out.shape[1], recorded, graph)
+                          out1.shape[1], recorded, graph, out1)
 
 
-_RECENT: dict[tuple, tuple[weakref.ref, StructuredPlan]] = {}  # the last few plans
+def batch_dependence(fm: FunctionalModel, plan: StructuredPlan, x: Tensor) -> str | None:
+    """Why the forward on two examples records other layer calls than ``plan`` (None if the
+    same): data- or batch-size-dependent control flow, which the structured path refuses."""
+    pair = x[:2] if x.shape[0] >= 2 else torch.cat([x[:1], x[:1]])
+    rec = record(fm.apply, fm.params, pair, skip=plan.generic, grad=False)
+    if _sig(rec) != plan.call_sig or not set(rec.generic) <= set(plan.generic):
+        return "the forward records different layer calls for 1 and 2 examples"
+    return None
 
 
-def _plan_for(fm: FunctionalModel, x: Tensor, groups: Mapping[str, list[str]] | None,
-              fresh: bool = False) -> StructuredPlan:
-    """:func:`structured_plan`, remembering recent results per module: ``entk`` asks up to
-    three times per call (``auto``, memory planning, computing), and recorders call ``entk`` in
-    a loop. A stale plan is caught when a chunk is recorded (:func:`_side`) and redone."""
-    owner = fm.module if fm.module is not None else fm
-    key = (id(owner), tuple((k, tuple(v.shape), v.dtype) for k, v in fm.params.items()),
-           tuple(x.shape[1:]), x.dtype, x.device,
-           None if groups is None else tuple((g, tuple(ns)) for g, ns in groups.items()))
-    hit = _RECENT.get(key)
-    if not fresh and hit is not None and hit[0]() is owner:
-        return hit[1]
-    plan = structured_plan(fm, x, groups)
-    _RECENT.pop(key, None)
-    while len(_RECENT) >= 8:
-        _RECENT.pop(next(iter(_RECENT)))
-    _RECENT[key] = (weakref.ref(owner), plan)
-    return plan
-
-
-class _StalePlan(Exception):
-    pass
+class DataDependentForward(UnsupportedModelError):
+    """A chunk records other layer calls than the plan (``"auto"`` then falls back to the
+    Jacobian path)."""
 
 
 _DATA_DEPENDENT = ("the model's forward records different layer calls for different inputs "
                    "(data-dependent control flow): use implementation='jacobian'")
 
 
-def _side(fm: FunctionalModel, plan: StructuredPlan, x: Tensor, stale_ok: bool = False) -> Side:
+def _side(fm: FunctionalModel, plan: StructuredPlan, x: Tensor) -> Side:
     """Record one chunk and check it against the plan (same calls, no new generic use)."""
     rec = record(fm.apply, fm.params, x, skip=plan.generic)
     if _sig(rec) != plan.call_sig or not set(rec.generic) <= set(plan.generic):
-        if stale_ok:
-            raise _StalePlan
-        raise UnsupportedModelError(_DATA_DEPENDENT)
+        raise DataDependentForward(_DATA_DEPENDENT)
     return Side(rec, plan.p)
 
 
 def supports(fm: FunctionalModel, x: Tensor) -> bool:
-    """Whether ``implementation="auto"`` should use the structured path for ``fm`` on ``x``.
-
-    True when supported layers carry at least half of the trainable scalars (the rest goes
-    through the generic Jacobian path and is added in).
-    """
+    """Whether the structured path would be the ``implementation="auto"`` choice for ``fm``
+    on ``x``: supported layers carry at least :data:`COVERAGE` (half) of the trainable scalars
+    (the rest goes through the generic Jacobian path and is added in). See
+    :func:`tangentscope.select_implementation` for the full decision and its reason."""
     try:
-        plan = _plan_for(fm, x, None)
+        probe_model(fm, x, x)
+        plan = structured_plan(fm, x)
+        if batch_dependence(fm, plan, x):
+            return False
     except (RuntimeError, TypeError, ValueError, TangentscopeError):
         return False
-    return bool(plan.blocks) and plan.coverage >= _COVERAGE
+    return bool(plan.blocks) and plan.coverage >= COVERAGE
 
 
 # -- routes: which exact contraction, and its cost ---------------------------------------------
@@ -272,19 +258,19 @@ def _route(b: Block, c1: int, c2: int, p: int, trace: bool, has_d: bool) -> str:
 
 def generic_numel(fm: FunctionalModel, x: Tensor) -> int:
     """Trainable scalars the structured path leaves to the generic Jacobian path."""
-    plan = _plan_for(fm, x, None)
+    plan = structured_plan(fm, x)
     return plan.total - plan.covered
 
 
-def working_floats(fm: FunctionalModel, x: Tensor, p: int, trace: bool, has_precondition: bool,
+def working_floats(plan: StructuredPlan, trace: bool, has_precondition: bool,
                    n_groups: int = 1) -> Callable[[int, int], float]:
     """Floats the structured path holds at once for chunks of ``c1`` and ``c2`` examples.
 
     The recording graph of one chunk, recorded inputs and sensitivities of both chunks, cached
     per-example layer gradients, the largest contraction temporary and the block accumulators.
     """
-    plan = _plan_for(fm, x, None)
     rec_in, rec_out = plan.recorded
+    p = plan.p
 
     def work(c1: int, c2: int) -> float:
         side = (c1 + c2) * (rec_in + p * rec_out) + max(c1, c2) * plan.graph
@@ -300,26 +286,43 @@ def working_floats(fm: FunctionalModel, x: Tensor, p: int, trace: bool, has_prec
     return work
 
 
-# -- entry point -------------------------------------------------------------------------------
-def _generic_part(fm: FunctionalModel, names: list[str], x1: Tensor, x2: Tensor, *,
-                  groups: dict | None, precondition: dict | None, **kw: Any
-                  ) -> dict[str, Tensor]:
-    """The Jacobian-contraction kernel of the parameters ``names`` only (others held fixed)."""
-    from .entk import _entk_jacobian
+# -- the backend --------------------------------------------------------------------------------
+def _require_blocks(plan: StructuredPlan) -> None:
+    if not plan.blocks:
+        why = "; ".join(f"{k}: {v}" for k, v in list(plan.generic.items())[:3])
+        raise UnsupportedModelError(
+            f"implementation='structured' found no parameter used by a supported layer "
+            f"({_LAYERS}){': ' + why if why else ''}. Use implementation='jacobian' or 'auto'.")
 
-    fixed = {k: v for k, v in fm.params.items() if k not in names}
 
-    def apply(prm: dict[str, Tensor], x: Tensor) -> Tensor:
-        return fm.apply({**fixed, **prm}, x)
+def confirm(req: Request, plan: StructuredPlan) -> Request:
+    """``req`` with ``p`` from a fresh plan of it: the plan's recording already ran the model,
+    and :func:`compute` checks that examples are independent on its first chunk. The full
+    :func:`~tangentscope.kernels._plan.probe` runs instead where the recording cannot tell
+    (generic parameters); an output without a graph to the parameters is caught on the
+    first chunk."""
+    if plan.generic or plan.out1 is None:
+        return probe(req)
+    return dataclasses.replace(req, p=plan.p)
 
-    sub = FunctionalModel(apply, {k: fm.params[k] for k in names}, None)
-    grp = None
-    if groups is not None:
-        grp = {g: [n for n in ns if n in names] for g, ns in groups.items()}
-        grp = {g: ns for g, ns in grp.items() if ns}
-    D = None if precondition is None else {k: precondition[k] for k in names}
-    K = _entk_jacobian(sub, x1, x2, groups=grp, precondition=D, **kw)
-    return K if isinstance(K, dict) else {"": K}
+
+def cost(req: Request, plan: StructuredPlan) -> WorkFn:
+    """Working bytes for chunks ``(c1, c2)``: the structured part, or the Jacobian path of the
+    generic parameters (run separately, so the larger of the two).
+
+    Raises:
+        UnsupportedModelError: no parameter sits in a supported layer.
+    """
+    _require_blocks(plan)
+    s = req.itemsize
+    floats = working_floats(plan, req.trace, req.precondition is not None, req.n_groups)
+    Pg = plan.total - plan.covered
+    Ag = activation_bytes(req.fm, req.x1) / s if Pg else 0.0
+
+    def work(c1: int, c2: int) -> int:
+        generic = _jacobian.jacobian_floats(c1, c2, req.p, Pg, Ag) if Pg else 0.0
+        return int(SAFETY * s * max(floats(c1, c2), generic))
+    return work
 
 
 def _strips(c: int, p: int) -> list[slice]:
@@ -341,8 +344,13 @@ def _add_pair(out: dict[str, Tensor], zero: dict[str, bool], plan: StructuredPla
     into ``out[g][b[k:], a]`` (the lower triangle of a symmetric kernel)."""
     c1, c2, p = s1.c, s2.c, plan.p
     for g in out:
-        acc = torch.zeros((c1, c2) if trace else (c1 * p, c2 * p), dtype=out[g].dtype,
-                          device=out[g].device)
+        direct = zero[g] and (trace or p == 1)  # same layout: accumulate in the output itself
+        if direct:
+            acc = out[g][a, b] if trace else out[g][a, b, 0, 0]
+            acc.zero_()
+        else:
+            acc = torch.zeros((c1, c2) if trace else (c1 * p, c2 * p), dtype=out[g].dtype,
+                              device=out[g].device)
         for blk in plan.blocks:
             if groups and blk.group != g:
                 continue
@@ -350,7 +358,7 @@ def _add_pair(out: dict[str, Tensor], zero: dict[str, bool], plan: StructuredPla
             contract_block(acc, blk, s1, s2, _route(blk, c1, c2, p, trace, d is not None),
                            trace, d)
         kb = acc if trace else acc.view(c1, p, c2, p).permute(0, 2, 1, 3)
-        targets = [(a, b, kb)]
+        targets = [] if direct else [(a, b, kb)]
         if mirror_from is not None and mirror_from < c2:
             k = kb[:, mirror_from:]
             targets.append((slice(b.start + mirror_from, b.stop), a,
@@ -362,55 +370,46 @@ def _add_pair(out: dict[str, Tensor], zero: dict[str, bool], plan: StructuredPla
                 out[g][r, c] += k
 
 
-def entk_structured(fm: FunctionalModel, x1: Tensor, x2: Tensor, *, symmetric: bool,
-                    trace: bool, groups: dict | None, precondition: dict | None, budget: int,
-                    chunk_size: int | None, show_progress: bool) -> Tensor | dict[str, Tensor]:
-    """The eNTK by structured derivatives, with the contract of
-    :func:`tangentscope.kernels.entk.entk`: ``x1 (n1, ...)``, ``x2 (n2, ...)`` →
-    ``(n1, n2, p, p)``, ``(n1, n2)`` traced, or a dict of them per group.
+def compute(req: Request, c: int, plan: StructuredPlan) -> Tensor | dict[str, Tensor]:
+    """The eNTK of ``req`` by structured derivatives in chunks of ``c`` examples, with the
+    contract of :func:`tangentscope.entk`: ``(n1, n2, p, p)``, ``(n1, n2)`` traced, or a dict
+    of them per group. ``plan`` is :func:`structured_plan` of ``req`` (computed once per call).
 
     Raises:
         UnsupportedModelError: no parameter sits in a supported layer (use ``"jacobian"``), or
             the forward records different layer calls for different inputs.
     """
-    from .entk import _block_pairs, _chunks, _plan_chunks
-
-    plan = _plan_for(fm, x1, groups)
-    if not plan.blocks:
-        why = "; ".join(f"{k}: {v}" for k, v in list(plan.generic.items())[:3])
-        raise UnsupportedModelError(
-            f"implementation='structured' found no parameter used by a supported layer "
-            f"({_LAYERS}){': ' + why if why else ''}. Use implementation='jacobian' or 'auto'.")
-    n1, n2, p = x1.shape[0], x2.shape[0], plan.p
+    _require_blocks(plan)
+    fm, x1, x2, sym, trace = req.fm, req.x1, req.x2, req.symmetric, req.trace
+    n1, n2, p, groups = req.n1, req.n2, plan.p, req.groups
     keys = list(groups) if groups else [""]
-    c = _plan_chunks(fm, x1, x2, p, "structured", trace, budget, chunk_size, len(keys),
-                     has_precondition=precondition is not None)
-    first = _chunks(n1, c)[0]
+    first = chunks(n1, c)[0]
     with torch.no_grad():
-        try:
-            side_a = _side(fm, plan, x1[first], stale_ok=True)
-        except _StalePlan:  # a cached plan from an earlier call no longer fits: redo it
-            plan = _plan_for(fm, x1, groups, fresh=True)
-            side_a = _side(fm, plan, x1[first])
+        side_a = _side(fm, plan, x1[first])
+        if not side_a.differentiable:
+            probe(req)  # raises: the output has no graph to the parameters
+        if plan.out1 is not None:  # examples independent: x[0] alone vs in the first chunk
+            in_batch = side_a.out[:1] if side_a.c >= 2 else fm.apply(
+                fm.params, torch.cat([x1[:1], x2[1:2] if sym else x2[:1]]))[:1]
+            check_independent(fm, plan.out1, in_batch, x1)
     names = [n for n in fm.params if n in plan.generic]
     out: dict[str, Tensor] = {}
-    if names:
-        out = _generic_part(fm, names, x1, x2, symmetric=symmetric, trace=trace, groups=groups,
-                            precondition=precondition, budget=budget, chunk_size=chunk_size,
-                            show_progress=show_progress)
+    if names:  # the generic parameters through the Jacobian path, at the same chunk size
+        K = _jacobian.compute(req.restrict(names), c)
+        out = K if isinstance(K, dict) else {"": K}
     zero = {g: g not in out for g in keys}  # blocks are copied rather than added
     shape = (n1, n2) if trace else (n1, n2, p, p)
     out = {g: out[g] if g in out else torch.empty(shape, dtype=fm.dtype, device=fm.device)
            for g in keys}
-    dmap = ({b: block_preconditioner(b, precondition) for b in plan.blocks}
-            if precondition is not None else {})
+    D = req.precondition
+    dmap = {b: block_preconditioner(b, D) for b in plan.blocks} if D is not None else {}
     cur_a = first.start
     with torch.no_grad():
-        for a, b in progress(_block_pairs(n1, n2, c, symmetric), desc="eNTK blocks (structured)",
-                             disable=not show_progress or None):
+        for a, b in progress(block_pairs(n1, n2, c, sym), desc="eNTK blocks (structured)",
+                             disable=not req.show_progress or None):
             if cur_a != a.start:
                 side_a, cur_a = _side(fm, plan, x1[a]), a.start
-            if symmetric and a == b:  # strips of the upper triangle of the symmetric Gram
+            if sym and a == b:  # strips of the upper triangle of the symmetric Gram
                 for u in _strips(side_a.c, p):
                     rest = slice(u.start, side_a.c)
                     _add_pair(out, zero, plan, dmap, side_a.rows(u), side_a.rows(rest),
@@ -418,5 +417,5 @@ def entk_structured(fm: FunctionalModel, x1: Tensor, x2: Tensor, *, symmetric: b
                               mirror_from=u.stop - u.start)
             else:
                 _add_pair(out, zero, plan, dmap, side_a, _side(fm, plan, x2[b]), a, b, trace,
-                          groups, mirror_from=0 if symmetric else None)
+                          groups, mirror_from=0 if sym else None)
     return out if groups else out[""]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..derivatives import bias_sq_sum, outer_sq_sum, token_sq_sum
 from ..errors import ConfigError, ShapeError, TangentscopeError
 from .mlp import mlp
 
@@ -123,10 +124,11 @@ class EmbeddingMLPEnsemble(nn.Module):
 
         ``c_i`` is example ``i``'s contribution to ``p.grad`` (``∇ℓ_i / B`` for a loss that is a
         mean over the batch, summed over members), computed in closed form from each layer's
-        inputs ``a`` and output gradients ``δ``: ``(δ²)ᵀ(a²)`` for weights, ``Σ_i δ_i²`` for
-        biases, and for the embedding table the per-example row sums
-        ``(Σ_{t: tok_it = r} δ_it)²`` (positions sharing a token are summed before squaring).
-        Set ``capture = True`` before the forward pass.
+        inputs ``a`` and output gradients ``δ`` by the derivative formulas of
+        :mod:`tangentscope.derivatives` with the members as a stack dimension: ``(δ²)ᵀ(a²)``
+        for weights, ``Σ_i δ_i²`` for biases, and for the embedding table the per-example row
+        sums ``(Σ_{t: tok_it = r} δ_it)²`` (positions sharing a token are summed before
+        squaring). Set ``capture = True`` before the forward pass.
 
         Returns:
             ``name → (E, *shape)`` tensors keyed like :meth:`named_parameters`.
@@ -140,21 +142,11 @@ class EmbeddingMLPEnsemble(nn.Module):
             raise TangentscopeError("EmbeddingMLPEnsemble.grad_sq_sums: nothing captured; set "
                                     "model.capture = True, then run forward and backward")
         out: dict[str, Tensor] = {}
-        for i in range(len(self.weights)):
-            a, d = cap[f"a{i}"], cap[f"d{i}"]
-            out[f"weights.{i}"] = torch.bmm(d.square().transpose(1, 2), a.square())
-            out[f"biases.{i}"] = d.square().sum(1)
-        tok, d = cap["tokens"], cap["d_embed"]  # (E, B, T), (E, B, T, D)
-        E, B, T = tok.shape
-        sq = d.square()
-        for t in range(T):
-            for t2 in range(t + 1, T):  # (Σ_t d_t)² = Σ_t d_t² + 2 Σ_{t<t'} d_t d_t' per row
-                same = (tok[..., t] == tok[..., t2]).to(d.dtype)[..., None]
-                sq[:, :, t] += 2 * same * d[:, :, t] * d[:, :, t2]
-        rows = (tok + self.vocab * torch.arange(E, device=tok.device)[:, None, None]).reshape(-1)
-        table = torch.zeros(E * self.vocab, d.shape[-1], dtype=d.dtype, device=d.device)
-        out["embed"] = table.index_add_(0, rows, sq.reshape(-1, d.shape[-1])).view(
-            E, self.vocab, -1)
+        for i in range(len(self.weights)):  # members are a stack dimension, one position each
+            a, d = cap[f"a{i}"].unsqueeze(2), cap[f"d{i}"].unsqueeze(2)  # (E, B, 1, features)
+            out[f"weights.{i}"] = outer_sq_sum(a, d)
+            out[f"biases.{i}"] = bias_sq_sum(d)
+        out["embed"] = token_sq_sum(cap["tokens"], cap["d_embed"], self.vocab)
         return out
 
     @torch.no_grad()

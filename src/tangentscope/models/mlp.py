@@ -17,7 +17,7 @@ class Sine(nn.Module):
         super().__init__()
         self.w0 = w0
 
-    def forward(self, x):  # noqa: D102
+    def forward(self, x):
         import torch
 
         return torch.sin(self.w0 * x)

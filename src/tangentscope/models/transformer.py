@@ -68,7 +68,7 @@ class TinyTransformer(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         L = tokens.shape[1]
-        if L > self.max_len:
+        if self.max_len < L:
             raise ConfigError(f"sequence length {L} exceeds max_len={self.max_len}")
         h = self.tok(tokens) + self.pos(torch.arange(L, device=tokens.device))
         for blk in self.blocks:

@@ -1,164 +1,180 @@
-"""``GatedAdamW(fused=True)``: the ``update``-placement step as one compiled elementwise kernel.
+"""The ``compiled`` kernel of :class:`~tangentscope.optim.GatedAdamW`: the fused gated-AdamW step.
 
-Eager PyTorch runs every elementwise op as its own pass over memory; the gate adds about six
-passes to AdamW's eight, so an eager gated step costs about twice ``torch.optim.AdamW`` (see
-``benchmarks/optim.py``). ``torch.compile`` fuses the whole step — noise EMA, gate, moments,
-decoupled decay, parameter update and the telemetry count — into one loop per tensor. The
-kernel is compiled once per process and param-group layout (dynamic shapes; one call per group,
-its loop unrolled into one graph; scalars passed as tensors so that the step count never
-triggers a recompile); the first step pays the compile time (20–90 s on a loaded 2-core CPU)
-and needs a C++ compiler (GPU: Triton). If compilation fails, the same kernel runs eagerly
-(with a ``RuntimeWarning``).
+One pass over each parameter's state — the streaming noise EMA (or the exact noise variance
+from a statistics source's sums), the gate (hard or soft), the decoupled weight decay, the Adam
+moments and the update — for the ``update`` placement (and the gate off):
 
-Same math as :func:`~tangentscope.optim.adamw._single_tensor_step` for ``gate_on='update'``
-(checked by a slow test); rounding differs at the float epsilon level.
+* CPU, float32/float64: a C++ extension (:mod:`._native`, built once per machine into a
+  persistent cache), one call per param group and dtype. Bit for bit the reference chain of
+  :mod:`.transforms` (same operations, each rounded as torch's CPU kernel rounds it), hence
+  bit for bit ``torch.optim.AdamW`` with the gate off — with ``fused=None`` (the default:
+  torch's own sqrt); ``fused=True`` uses the hardware sqrt, like torch's own fused AdamW
+  (faster where torch's sqrt is MKL's generic path, as on AMD CPUs; the update then differs
+  from the eager one by at most an ulp of the denominator, about 1e-7 relative);
+* CUDA, float32: a Triton kernel (:mod:`._triton`), one launch per tensor — **untested on a
+  GPU** (none was available where it was written);
+* anything else (bfloat16/float16, non-contiguous tensors, the ``grad``/``moments``
+  placements, an estimator asking for its terms, the extension unavailable): the eager kernels.
+
+Shapes: every per-parameter list holds tensors shaped like the parameter (any shape,
+contiguous); statistics ``S1``/``S2`` likewise; ``step`` is a 0-d float32 CPU tensor.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import _native
 from ._common import init_streaming
-from .stats import GradMoments
-from .transforms import deviation_inflation
+from ._step import GroupStep, Telemetry
 
-_COMPILED: dict[str, Any] = {}
+__all__ = ["MODES", "compiled_applies", "compiled_step", "fused_available"]
 
-
-def _adam_tail(p: Tensor, g: Tensor, m: Tensor, v: Tensor, gate: Tensor, sc: Tensor) -> Tensor:
-    """Moments, decoupled decay and the gated update; ``sc`` = [decay, 1−β1, β2, 1−β2, β_s,
-    dev weight, mean scale, c, opened, lr/bc1, √bc2, ε]."""
-    decay, om_b1, b2, om_b2, _, _, _, _, _, step_size, bc2s, eps = sc.unbind()
-    m.copy_(m + om_b1 * (g - m))
-    v.copy_(v * b2 + om_b2 * g * g)
-    p.copy_(p * decay - step_size * gate * m / (v.sqrt() / bc2s + eps))
-    return gate.sum()
+#: the gate's mode → the op's integer code (0 off, 1 hard, 2 soft)
+MODES = {None: 0, "hard": 1, "soft": 2}
+_DTYPES = (torch.float32, torch.float64)
 
 
-def _gate(sig: Tensor, s: Tensor, sc: Tensor, soft: bool, dtype: torch.dtype) -> Tensor:
-    """Passes where ``c·sig² > s`` (soft: ``max(0, 1 − s/(c·sig²))``); all open if ``opened``."""
-    c, opened = sc[7], sc[8]
-    g2c = c * sig * sig
-    if soft:
-        gate = torch.where(g2c > 0, (1 - s / g2c).clamp(min=0), torch.zeros_like(g2c))
-    else:
-        gate = (g2c > s).to(dtype)
-    return torch.where(opened > 0, torch.ones_like(gate), gate)
+def fused_available(device_type: str, build: bool) -> bool:
+    """Whether the fused kernel can run on ``device_type`` now: on CPU the extension is loaded
+    or built (``build``: compile it if missing; ``False``: only if already in the cache); on
+    CUDA Triton imports."""
+    if device_type == "cpu":
+        if not build and not _native.is_built():
+            return False
+        return _native.load(build_if_missing=build) is not None
+    if device_type == "cuda":
+        from . import _triton  # lazy: imports triton
+
+        return _triton.available()
+    return False
 
 
-def _kernel_off(p: Tensor, g: Tensor, m: Tensor, v: Tensor, sc: Tensor) -> Tensor:
-    return _adam_tail(p, g, m, v, torch.ones_like(g), sc)
+def _layout_fits(k: GroupStep, device_type: str) -> bool:
+    """The parameters' part of :func:`_tensors_fit` (cached per param list: it changes only
+    when a group's parameters or their state tensors change)."""
+    dtype = k.params[0].dtype
+    if dtype not in (_DTYPES if device_type == "cpu" else (torch.float32,)):
+        return False
+    for p, st in zip(k.params, k.states):
+        if p.device.type != device_type or p.dtype != dtype or not p.is_contiguous():
+            return False
+        if st:
+            s = st.get("step")
+            if not (isinstance(s, Tensor) and s.dtype == torch.float32 and not s.is_cuda
+                    and st["exp_avg"].is_contiguous() and st["exp_avg_sq"].is_contiguous()):
+                return False
+    return True
 
 
-def _kernel_streaming(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, sc: Tensor,
-                      soft: bool) -> Tensor:
-    """``s`` is the streaming noise state, updated from ``g − m̂_{t−1}`` before the moments."""
-    nb, dev_w, mean_scale = sc[4], sc[5], sc[6]
-    d = g - m * mean_scale
-    s.copy_(s * nb + dev_w * d * d)
-    return _adam_tail(p, g, m, v, _gate(g, s, sc, soft, p.dtype), sc)
+def _tensors_fit(k: GroupStep, device_type: str) -> bool:
+    """float32/float64 (CUDA: float32) contiguous tensors of one device type, gradients of the
+    same dtype, CPU float32 step counters, statistics of the same dtype and device."""
+    key = (device_type, *map(id, k.params), *(id(st.get("exp_avg")) for st in k.states))
+    cache = k.scratch.setdefault("fused-layout", {})   # per param group (its key)
+    fits = cache.get(key)
+    if fits is None:
+        if len(cache) > 64:
+            cache.clear()
+        fits = cache[key] = _layout_fits(k, device_type)
+    if not fits:
+        return False
+    dtype = k.params[0].dtype
+    for p in k.params:                                # new gradient tensors every step
+        g = p.grad
+        if g is None or g.dtype != dtype or not g.is_contiguous():
+            return False
+    if k.moments is not None:
+        for p, m in zip(k.params, k.moments):
+            if m is None or m.grad_sum.dtype != dtype or m.grad_sq_sum.dtype != dtype or \
+                    m.grad_sum.device != p.device or m.grad_sq_sum.device != p.device:
+                return False
+    return True
 
 
-def _kernel_exact(p: Tensor, g: Tensor, m: Tensor, v: Tensor, nu: Tensor, sig: Tensor,
-                  sc: Tensor, soft: bool) -> Tensor:
-    """``nu`` = ``ν̂`` and ``sig`` = ``S1`` from an exact statistics source."""
-    return _adam_tail(p, g, m, v, _gate(sig, nu, sc, soft, p.dtype), sc)
+def compiled_applies(k: GroupStep) -> bool:
+    """``fused=True`` (build the extension if needed), or ``fused=None`` (the default) where it
+    is already built; the ``update`` placement or the gate off; float32/float64 contiguous
+    tensors on one CPU or CUDA device; no estimator terms."""
+    fused = k.group["fused"]
+    if fused is False or k.terms is not None or not k.params:
+        return False
+    if k.mode is not None and k.group["gate_on"] != "update":
+        return False
+    device_type = k.params[0].device.type
+    return _tensors_fit(k, device_type) and fused_available(device_type, build=bool(fused))
 
 
-def _group_off(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor],
-               scs: list[Tensor]) -> Tensor:
-    return torch.stack([_kernel_off(*a) for a in zip(ps, gs, ms, vs, scs)]).sum()
-
-
-def _group_streaming(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor],
-                     ss: list[Tensor], scs: list[Tensor], soft: bool) -> Tensor:
-    return torch.stack([_kernel_streaming(*a, soft) for a in zip(ps, gs, ms, vs, ss, scs)]).sum()
-
-
-def _group_exact(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor],
-                 nus: list[Tensor], sigs: list[Tensor], scs: list[Tensor], soft: bool) -> Tensor:
-    return torch.stack([_kernel_exact(*a, soft)
-                        for a in zip(ps, gs, ms, vs, nus, sigs, scs)]).sum()
-
-
-# one compiled call per param group (the loop is unrolled into one graph): per-call overhead
-# would otherwise dominate for models with many small tensors
-_KERNELS = {"off": _group_off, "streaming": _group_streaming, "exact": _group_exact}
-
-
-def _compiled(kind: str) -> Any:
-    # every input is a distinct tensor: compiled graphs specialize on aliasing. The
-    # persistent FX-graph cache is off: it once served a wrongly specialized graph (torch 2.13).
-    if kind not in _COMPILED:
-        _COMPILED[kind] = torch.compile(_KERNELS[kind], dynamic=True, fullgraph=True,
-                                        options={"fx_graph_cache": False})
-    return _COMPILED[kind]
-
-
-def fused_update_step(params: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any],
-                      mode: str | None, moments: list[GradMoments] | None
-                      ) -> tuple[Tensor, int] | None:
-    """The ``update``-placement step of a param group through the compiled kernel."""
+def _hyper(group: dict[str, Any]) -> list[float]:
+    """``[lr, β1, β2, ε, λ, β_s, τ, warm-up, exact]``; ``exact`` (``fused=None``): torch's own
+    sqrt, so the step is the eager reference's bit for bit; ``fused=True``: the hardware sqrt
+    (correctly rounded; faster where torch's sqrt is MKL's generic path)."""
     beta1, beta2 = group["betas"]
-    lr, eps, wd, tau = float(group["lr"]), group["eps"], group["weight_decay"], group["threshold"]
     nb = group["noise_beta"] if group["noise_beta"] is not None else beta2
-    cols: dict[str, list[Tensor]] = {k: [] for k in ("p", "g", "m", "v", "s", "sig")}
-    if not params:
-        return None if mode is None else (torch.tensor(0.0), 0)
+    return [float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+            float(group["weight_decay"]), float(nb), float(group["threshold"]),
+            float(group["gate_warmup"]), 0.0 if group["fused"] else 1.0]
+
+
+def _init(p: Tensor, st: dict[str, Any], streaming: bool) -> None:
+    if not st:
+        st["step"] = torch.tensor(0.0, dtype=torch.float32)
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    if streaming:
+        init_streaming(p, st, own_mean=False)
+
+
+def compiled_step(k: GroupStep) -> Telemetry:
+    """The fused step of one param group (see the module docstring)."""
+    params, states, mode = k.params, k.states, k.mode
+    streaming = mode is not None and k.moments is None
     for p, st in zip(params, states):
-        if not st:
-            st["step"] = torch.tensor(0.0, dtype=torch.float32)
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    steps = [st["step"] for st in states]
-    torch._foreach_add_(steps, 1)                     # one call, one sync for the group
-    ts = [int(t) for t in torch.stack(steps).tolist()]
-    kind = "off" if mode is None else ("streaming" if moments is None else "exact")
-    rows = []
-    for i, p in enumerate(params):
-        st, t = states[i], ts[i]
-        mean_scale = dev_w = c = 0.0
-        opened = True
-        if kind == "streaming":
-            init_streaming(p, st, own_mean=False)
-            cols["s"].append(st["exp_avg_dev_sq"])
-            if t >= 2:
-                mean_scale = 1 / (1 - beta1 ** (t - 1))
-                dev_w = (1 - nb) / deviation_inflation(beta1, t - 1)
-                st["noise_n"] += 1
-            opened = st["noise_n"] < 1 or t <= group["gate_warmup"]
-            c = math.inf if tau == 0 else (1 - nb ** max(st["noise_n"], 1)) / tau
-        elif kind == "exact":
-            mom = moments[i]
-            cols["s"].append(mom.noise_variance())
-            cols["sig"].append(mom.grad_sum.clone())
-            opened = t <= group["gate_warmup"]
-            c = math.inf if tau == 0 else 1 / tau
-        rows.append([1 - lr * wd, 1 - beta1, beta2, 1 - beta2, nb, dev_w, mean_scale, c,
-                     float(opened), lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t), eps])
-        for k, x in (("p", p), ("g", p.grad), ("m", st["exp_avg"]), ("v", st["exp_avg_sq"])):
-            cols[k].append(x)                         # elementwise: any shape, no views
-    cols["sc"] = list(torch.tensor(rows, dtype=torch.float64, device=params[0].device).unbind())
-    args: tuple[Any, ...] = (cols["p"], cols["g"], cols["m"], cols["v"])
-    if kind == "off":
-        args += (cols["sc"],)
-    elif kind == "streaming":
-        args += (cols["s"], cols["sc"], mode == "soft")
+        _init(p, st, streaming)
+    if params[0].is_cuda:
+        from . import _triton
+
+        passed = _triton.step(params, states, k.group, mode, k.moments)
     else:
-        args += (cols["s"], cols["sig"], cols["sc"], mode == "soft")
-    try:
-        passed = _compiled(kind)(*args)
-    except torch._dynamo.exc.TorchDynamoException as e:   # compiled before any write
-        warnings.warn(f"GatedAdamW(fused=True): compilation failed ({type(e).__name__}); "
-                      "running the same kernel eagerly", RuntimeWarning, stacklevel=3)
-        _COMPILED[kind] = _KERNELS[kind]
-        passed = _KERNELS[kind](*args)
-    numel = sum(p.numel() for p in params)
+        passed = _cpu_step(params, states, k.group, mode, k.moments)
     if mode is None:
         return None
-    return passed, numel
+    return passed, sum(p.numel() for p in params)
+
+
+def _cpu_step(params: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any],
+              mode: str | None, moments: list[Any] | None) -> Tensor:
+    """One op call per statistics count (one for the streaming source and the gate off)."""
+    op = _native.load(build_if_missing=False)
+    assert op is not None                            # compiled_applies loaded it
+    hyper = _hyper(group)
+    code = MODES[mode]
+    if mode is None or moments is None:
+        source = 0 if mode is None else 1
+        idx_by_count: dict[int, list[int]] = {0: list(range(len(params)))}
+    else:
+        source = 2
+        idx_by_count = {}
+        for i, m in enumerate(moments):
+            idx_by_count.setdefault(int(m.count), []).append(i)
+    total: Tensor | None = None
+    for count, idx in idx_by_count.items():
+        ps = params if len(idx) == len(params) else [params[i] for i in idx]
+        sts = states if len(idx) == len(params) else [states[i] for i in idx]
+        noise = [st["exp_avg_dev_sq"] for st in sts] if source == 1 else []
+        n_noise = [st["noise_n"] for st in sts] if source == 1 else [0] * len(sts)
+        sums = [moments[i].grad_sum for i in idx] if moments is not None and source == 2 else []
+        sqs = [moments[i].grad_sq_sum for i in idx] if moments is not None and source == 2 else []
+        passed, counts = op(list(ps), [p.grad for p in ps],
+                            [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
+                            noise, [s.contiguous() for s in sums], [s.contiguous() for s in sqs],
+                            [st["step"] for st in sts], n_noise, hyper, code, source, count)
+        if source == 1:
+            for st, c in zip(sts, counts.tolist()):
+                st["noise_n"] = c
+        total = passed if total is None else total + passed
+    assert total is not None
+    return total

@@ -1,261 +1,185 @@
-"""Per-example gradient statistics of single layers, in closed form (used by
-:class:`~tangentscope.optim.stats.PerExampleStats`).
+"""The layer hooks behind :class:`~tangentscope.optim.stats.PerExampleStats`: one module's call
+turned into per-example statistics through its derivative rule
+(:mod:`tangentscope.derivatives`), the per-parameter bookkeeping across backward passes, and
+the first-step check that the hooked contributions add up to ``p.grad``.
 
-Each layer type turns its saved input ``x`` and its output gradient ``δ`` into ``Σ_i c_i²``
-(sum over examples of squared per-example gradients), ``Σ_i c_i`` and, where a parameter is used
-more than once per forward, the per-example gradients ``(b, *shape)`` themselves. A Linear layer
-applied once per example needs one extra matmul, ``(δ²)ᵀ(a²)``; with a sequence dimension the
-pair expansion or chunked per-example products are used; Conv layers unfold to a Linear layer;
-Embedding sums repeated tokens per example; normalization layers use ``Σ δ x̂``.
+The per-layer math is not here: a hooked call's saved input and output gradient ``δ`` go to
+``rule.grad_sq_sum`` / ``rule.grad_sum`` (closed forms) or, for a parameter used several times
+in one forward, ``rule.per_example`` (summed over the uses before squaring).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from ..errors import UnsupportedModelError
+from ..derivatives import LayerRule
+from ..errors import ShapeError, UnsupportedModelError
 
-__all__ = ["supported_modules"]
+__all__ = ["acc_dtype", "ParamState", "graph_task", "contributions", "noise_floor",
+           "tolerance", "check_total"]
 
 
-def _acc_dtype(p: Tensor) -> torch.dtype:
+def acc_dtype(p: Tensor) -> torch.dtype:
     """Accumulation dtype: float32 for half-precision parameters."""
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
-def _seq_linear_sq(a: Tensor, d: Tensor, pair_limit: int, chunk_bytes: int) -> Tensor:
-    """``Σ_i (d_iᵀ a_i)²`` elementwise for ``a (b, L, in)``, ``d (b, L, out)`` → ``(out, in)``.
+def graph_task() -> int:
+    """Id of the running backward pass (``torch.autograd.grad`` calls get their own)."""
+    return torch._C._current_graph_task_id()
 
-    ``L = 1``: one matmul ``(d²)ᵀ(a²)``. Small ``L``: the pair expansion
-    ``Σ_{l,l'} (d_l d_l')ᵀ (a_l a_l')`` as one matmul over ``L(L+1)/2`` symmetric pairs.
-    Otherwise per-example ``d_iᵀ a_i`` by batched matmul, in chunks of ``chunk_bytes``.
+
+@dataclasses.dataclass
+class ParamState:
+    """One parameter's sums since the last reset and this backward's pending values."""
+
+    name: str
+    sq: Tensor | None = None          # Σ_i c_i² since reset
+    grad: Tensor | None = None        # p.grad snapshot after the last backward (S1)
+    count: int = 0                    # examples since reset
+    uses: int = 0                     # forward uses awaiting backward
+    pending_sq: Tensor | None = None  # this backward, single use: closed form
+    pending_sum: Tensor | None = None  # this backward, for validation
+    pending_floor: float = 0.0        # this backward, rounding floor of the validation
+    buf: Tensor | None = None         # this backward, several uses: per-example sum
+    pending_b: int = 0
+    task: int = -1                    # autograd graph task the pending values belong to
+    compute: torch.dtype | None = None  # lowest precision seen in this backward's calls
+    grad_ref: Any = None              # weakref to p.grad as snapshot, and its version
+    grad_version: int = -1
+
+    def drop_pending(self) -> None:
+        self.pending_sq = self.pending_sum = self.buf = None
+        self.pending_floor, self.pending_b, self.task, self.compute = 0.0, 0, -1, None
+
+    def reset(self) -> None:
+        self.sq, self.grad, self.count = None, None, 0
+
+    def snapshot(self, g: Tensor, dtype: torch.dtype) -> None:
+        """Keep ``S1 = p.grad`` (a copy) and remember which tensor/version it was."""
+        self.grad = g.detach().to(dtype, copy=True)
+        self.grad_ref, self.grad_version = weakref.ref(g), g._version
+
+    def cleared(self, g: Tensor | None) -> bool:
+        """Whether ``p.grad`` was cleared since the last snapshot (``zero_grad``): then sums
+        left from backward passes no optimizer step consumed (a ``GradScaler`` skip) are
+        stale."""
+        if self.count == 0:
+            return False
+        if g is None:
+            return True
+        if self.grad_ref is not None and self.grad_ref() is g and g._version == self.grad_version:
+            return False
+        return not bool(g.any())
+
+
+def _precision(*dtypes: torch.dtype | None) -> torch.dtype:
+    """The least precise floating dtype among ``dtypes``."""
+    fl = [d for d in dtypes if d is not None and d.is_floating_point]
+    return max(fl, key=lambda d: torch.finfo(d).eps) if fl else torch.float32
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance of the validation for contributions computed in ``dtype``."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return 3e-2
+    return 1e-3 if dtype == torch.float32 else 1e-8
+
+
+def noise_floor(data: Mapping[str, Any], d: Tensor, role: str, dtype: torch.dtype) -> float:
+    """Absolute rounding floor of a gradient summed from ``N`` terms of size at most ``M``:
+    ``8 √N ε M`` (``ε`` of ``dtype``; ``M = max|δ| · max|input|`` for a weight, ``max|δ|`` for
+    a bias). Gradients that vanish analytically (an attention key bias) are pure rounding."""
+    m = float(d.abs().max()) if d.numel() else 0.0
+    if role != "bias":
+        ins = [float(v.abs().max()) for v in data.values()
+               if isinstance(v, Tensor) and v.is_floating_point() and v.numel()]
+        m *= max(ins, default=1.0)
+    return 8 * math.sqrt(max(d.numel(), 1)) * torch.finfo(dtype).eps * m
+
+
+def contributions(rule: LayerRule, module: nn.Module, x: Tensor, d: Tensor,
+                  uses: list[tuple[str, Tensor]], states: Mapping[int, ParamState], task: int,
+                  validate: bool, pair_limit: int, chunk_bytes: int) -> None:
+    """Add one hooked call's per-example statistics to its parameters' pending values.
+
+    ``x`` is the call's input, ``d`` its output gradient (batch first), ``uses`` the
+    ``(role, parameter)`` pairs it used. The sums are computed in the accumulation dtype, outside
+    any autocast region the backward runs in.
     """
-    b, L, n_in = a.shape
-    n_out = d.shape[2]
-    if L == 1:
-        return (d[:, 0] ** 2).T @ (a[:, 0] ** 2)
-    if L * (L + 1) // 2 <= pair_limit:
-        iu, ju = torch.triu_indices(L, L, device=a.device)
-        w = torch.where(iu == ju, 1.0, 2.0).to(a.dtype)
-        dd = (d[:, iu] * d[:, ju]).reshape(-1, n_out)
-        aa = (a[:, iu] * a[:, ju] * w[None, :, None]).reshape(-1, n_in)
-        return dd.T @ aa
-    out = torch.zeros(n_out, n_in, dtype=a.dtype, device=a.device)
-    step = max(1, chunk_bytes // max(1, n_out * n_in * a.element_size()))
-    for s in range(0, b, step):
-        g = torch.bmm(d[s:s + step].transpose(1, 2), a[s:s + step])
-        out += g.square_().sum(0)
-    return out
+    with torch.autocast(d.device.type, enabled=False):
+        _contributions(rule, module, x, d, uses, states, task, validate, pair_limit,
+                       chunk_bytes)
 
 
-def _seq_linear_per_example(a: Tensor, d: Tensor) -> Tensor:
-    """Per-example ``d_iᵀ a_i`` → ``(b, out, in)``."""
-    return torch.bmm(d.transpose(1, 2), a)
-
-
-def _flat_seq(t: Tensor) -> Tensor:
-    """``(b, ..., f)`` → ``(b, L, f)`` with ``L`` the product of the middle dims."""
-    return t.reshape(t.shape[0], -1, t.shape[-1])
-
-
-class _Layer:
-    """Per-example gradients of one module type's parameters.
-
-    ``prepare(module, x, δ)`` turns the saved input and the output gradient into the layer's
-    working form (called in backward); ``sq``/``total``/``per_example`` then give
-    ``Σ_i c_i²``, ``Σ_i c_i`` (shaped like the parameter) and ``(b, *shape)``.
-    """
-
-    attrs: tuple[str, ...] = ("weight", "bias")
-
-    def check(self, module: nn.Module, name: str) -> None:
-        """Raise (at construction / in forward) where per-example gradients do not exist."""
-
-    def prepare(self, module: nn.Module, x: Tensor, d: Tensor) -> tuple[Any, Tensor]:
-        raise NotImplementedError
-
-    def per_example(self, module: nn.Module, attr: str, a: Any, d: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def sq(self, module: nn.Module, attr: str, a: Any, d: Tensor) -> Tensor:
-        return self.per_example(module, attr, a, d).square_().sum(0)
-
-    def total(self, module: nn.Module, attr: str, a: Any, d: Tensor) -> Tensor:
-        return self.per_example(module, attr, a, d).sum(0)
-
-
-class _Linear(_Layer):
-    """``y = a Wᵀ + b`` over any middle (sequence) dims; Conv layers reduce to it by unfolding."""
-
-    def __init__(self, pair_limit: int, chunk_bytes: int):
-        self.pair_limit, self.chunk_bytes = pair_limit, chunk_bytes
-
-    def prepare(self, module: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-        return _flat_seq(x), _flat_seq(d)
-
-    def _shape(self, module: nn.Module, attr: str, t: Tensor) -> Tensor:
-        return t.reshape(t.shape[:-2] + getattr(module, attr).shape) if attr == "weight" else t
-
-    def per_example(self, module: nn.Module, attr: str, a: Tensor, d: Tensor) -> Tensor:
-        if attr == "bias":
-            return d.sum(1)
-        return self._shape(module, attr, _seq_linear_per_example(a, d))
-
-    def sq(self, module: nn.Module, attr: str, a: Tensor, d: Tensor) -> Tensor:
-        if attr == "bias":
-            return d.sum(1).square_().sum(0)
-        return self._shape(module, attr, _seq_linear_sq(a, d, self.pair_limit, self.chunk_bytes))
-
-    def total(self, module: nn.Module, attr: str, a: Tensor, d: Tensor) -> Tensor:
-        if attr == "bias":
-            return d.sum((0, 1))
-        return self._shape(module, attr, d.reshape(-1, d.shape[-1]).T @ a.reshape(-1, a.shape[-1]))
-
-
-class _Conv(_Linear):
-    """``Conv1d``/``Conv2d`` (``groups = 1``, zero padding) as a Linear layer on unfolded
-    patches: ``a (b, L, C·k)``, ``δ (b, L, out)``."""
-
-    def check(self, module: nn.Module, name: str) -> None:
-        if module.groups != 1 or module.padding_mode != "zeros" or \
-                isinstance(module.padding, str) and module.padding != "valid":
-            raise UnsupportedModelError(
-                f"{name}: {type(module).__name__}(groups={module.groups}, padding="
-                f"{module.padding!r}, padding_mode={module.padding_mode!r}) has no closed form "
-                "here (supported: groups=1, zero padding given as numbers). Use VmapStats(model, "
-                "loss_fn) or the streaming gate for this model.")
-
-    def prepare(self, module: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-        pad = (0,) * len(module.kernel_size) if module.padding == "valid" else module.padding
-        if isinstance(module, nn.Conv1d):
-            x, d = x.unsqueeze(2), d.unsqueeze(2)
-            k, dil, pad, st = ((1,) + tuple(module.kernel_size), (1,) + tuple(module.dilation),
-                               (0,) + tuple(pad), (1,) + tuple(module.stride))
+def _contributions(rule: LayerRule, module: nn.Module, x: Tensor, d: Tensor,
+                   uses: list[tuple[str, Tensor]], states: Mapping[int, ParamState], task: int,
+                   validate: bool, pair_limit: int, chunk_bytes: int) -> None:
+    acc = acc_dtype(uses[0][1])
+    compute = _precision(d.dtype, x.dtype if x.is_floating_point() else None, uses[0][1].dtype)
+    data = rule.data(rule.module_call(module, x.to(acc) if x.is_floating_point() else x))
+    dd = d.to(acc)
+    b = d.shape[0]
+    for role, p in uses:
+        st = states[id(p)]
+        if st.task != task:                # left over from a backward that never reached
+            st.drop_pending()              # .grad (torch.autograd.grad): not ours
+            st.task = task
+            if st.cleared(p.grad):         # a new backward on cleared gradients
+                st.reset()
+        if st.pending_b and st.pending_b != b:
+            raise ShapeError(f"{st.name} is used with batch sizes {st.pending_b} and {b} in "
+                             "one backward; per-example statistics need one batch dimension")
+        st.pending_b = b
+        st.compute = compute if st.compute is None else _precision(st.compute, compute)
+        if validate:
+            st.pending_floor += noise_floor(data, dd, role, compute)
+        if st.uses > 1 or st.buf is not None:
+            g = rule.per_example(data, dd.unsqueeze(1), (role,))[:, 0].reshape(b, *p.shape)
+            st.buf = g if st.buf is None else st.buf.add_(g)
         else:
-            k, dil, st = module.kernel_size, module.dilation, module.stride
-        cols = F.unfold(x, k, dilation=dil, padding=pad, stride=st)   # (b, C·k, L)
-        return cols.transpose(1, 2), d.flatten(2).transpose(1, 2)
+            st.pending_sq = rule.grad_sq_sum(data, dd, role, pair_limit=pair_limit,
+                                             chunk_bytes=chunk_bytes).reshape(p.shape)
+            if validate:
+                st.pending_sum = rule.grad_sum(data, dd, role).reshape(p.shape)
 
 
-class _Embedding(_Layer):
-    """Rows ``W[tok]``: per-example gradient of row ``v`` is ``Σ_{l: tok_l = v} δ_l``."""
+def check_total(p: Tensor, st: ParamState, total: Tensor) -> None:
+    """Refuse when the hooked contributions of this backward do not add up to its part of
+    ``p.grad``, within the rounding of the compute dtype (autocast included).
 
-    attrs = ("weight",)
-
-    def check(self, module: nn.Module, name: str) -> None:
-        if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
-            raise UnsupportedModelError(
-                f"{name}: Embedding(max_norm={module.max_norm}, scale_grad_by_freq="
-                f"{module.scale_grad_by_freq}, sparse={module.sparse}) is not supported (sparse "
-                "gradients and in-forward renormalization have no per-example closed form); "
-                "use a plain nn.Embedding, or the streaming gate.")
-
-    def prepare(self, module: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-        b = x.shape[0]
-        tok = x.reshape(b, -1)
-        d = d.reshape(b, tok.shape[1], -1)
-        if module.padding_idx is not None:
-            d = d * (tok != module.padding_idx).unsqueeze(-1).to(d.dtype)
-        return tok, d
-
-    def _keys(self, module: nn.Module, tok: Tensor) -> Tensor:
-        rows = torch.arange(tok.shape[0], device=tok.device)[:, None] * module.num_embeddings
-        return (rows + tok).reshape(-1)
-
-    def per_example(self, module: nn.Module, attr: str, tok: Tensor, d: Tensor) -> Tensor:
-        b, V, D = tok.shape[0], module.num_embeddings, d.shape[-1]
-        out = torch.zeros(b * V, D, dtype=d.dtype, device=d.device)
-        out.index_add_(0, self._keys(module, tok), d.reshape(-1, D))
-        return out.view(b, V, D)
-
-    def sq(self, module: nn.Module, attr: str, tok: Tensor, d: Tensor) -> Tensor:
-        V, D = module.num_embeddings, d.shape[-1]
-        out = torch.zeros(V, D, dtype=d.dtype, device=d.device)
-        flat = d.reshape(-1, D)
-        if tok.shape[1] == 1:
-            return out.index_add_(0, tok.reshape(-1), flat * flat)
-        uniq, inv = torch.unique(self._keys(module, tok), return_inverse=True)
-        seg = torch.zeros(uniq.shape[0], D, dtype=d.dtype, device=d.device).index_add_(0, inv,
-                                                                                       flat)
-        return out.index_add_(0, uniq % V, seg.square_())
-
-    def total(self, module: nn.Module, attr: str, tok: Tensor, d: Tensor) -> Tensor:
-        D = d.shape[-1]
-        out = torch.zeros(module.num_embeddings, D, dtype=d.dtype, device=d.device)
-        return out.index_add_(0, tok.reshape(-1), d.reshape(-1, D))
-
-
-class _Norm(_Layer):
-    """Elementwise affine after a normalization: ``y = x̂ γ + β`` (LayerNorm, RMSNorm,
-    eval-mode BatchNorm). Per-example ``∂γ = Σ δ x̂``, ``∂β = Σ δ`` over the non-affine dims."""
-
-    def prepare(self, module: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-        xh = self.normalize(module, x.to(d.dtype))
-        b = x.shape[0]
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            C = x.shape[1]
-            return xh.reshape(b, C, -1).transpose(1, 2), d.reshape(b, C, -1).transpose(1, 2)
-        n = math.prod(module.normalized_shape)
-        return xh.reshape(b, -1, n), d.reshape(b, -1, n)
-
-    def normalize(self, module: nn.Module, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def per_example(self, module: nn.Module, attr: str, xh: Tensor, d: Tensor) -> Tensor:
-        g = (d * xh).sum(1) if attr == "weight" else d.sum(1)
-        return g.reshape((g.shape[0],) + getattr(module, attr).shape)
-
-
-class _LayerNorm(_Norm):
-    def normalize(self, module: nn.Module, x: Tensor) -> Tensor:
-        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-
-
-class _RMSNorm(_Norm):
-    attrs = ("weight",)
-
-    def normalize(self, module: nn.Module, x: Tensor) -> Tensor:
-        return F.rms_norm(x, module.normalized_shape, None, module.eps)
-
-
-class _BatchNormEval(_Norm):
-    def check(self, module: nn.Module, name: str) -> None:
-        if module.training or not module.track_running_stats:
-            raise UnsupportedModelError(
-                f"{name} is {type(module).__name__} normalizing with batch statistics (training "
-                "mode): examples interact, so per-example gradients are not defined. Call "
-                "model.eval() for it, replace it with LayerNorm/GroupNorm, or use "
-                "MicrobatchStats / the streaming gate.")
-
-    def normalize(self, module: nn.Module, x: Tensor) -> Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return (x - module.running_mean.view(shape).to(x.dtype)) * torch.rsqrt(
-            module.running_var.view(shape).to(x.dtype) + module.eps)
-
-
-def supported_modules() -> tuple[type, ...]:
-    """Module types :class:`PerExampleStats` has closed forms for."""
-    out: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm,
-                             nn.modules.batchnorm._BatchNorm)
-    return out + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-
-
-def _layer_for(module: nn.Module, pair_limit: int, chunk_bytes: int) -> _Layer | None:
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return _Conv(pair_limit, chunk_bytes)
-    if isinstance(module, nn.Linear):
-        return _Linear(pair_limit, chunk_bytes)
-    if isinstance(module, nn.Embedding):
-        return _Embedding()
-    if isinstance(module, nn.LayerNorm):
-        return _LayerNorm()
-    if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
-        return _RMSNorm()
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return _BatchNormEval()
-    return None
+    Raises:
+        UnsupportedModelError: naming the likely cause — gradient from outside the hooked
+            modules (a large mismatch) or rounding beyond the tolerance (a small one).
+    """
+    before = st.grad if st.grad is not None else torch.zeros_like(total)
+    assert p.grad is not None
+    delta = p.grad.detach().to(total.dtype) - before
+    if not (bool(torch.isfinite(delta).all()) and bool(torch.isfinite(total).all())):
+        return  # an overflow (GradScaler will skip this step): validate a later backward
+    compute = st.compute or total.dtype
+    tol = tolerance(compute)
+    err_abs = float((total - delta).abs().max())
+    scale = max(float(delta.abs().max()), float(total.abs().max()))
+    if err_abs <= tol * scale + st.pending_floor:
+        return
+    err = err_abs / max(scale, torch.finfo(total.dtype).tiny)
+    if err < 0.1:
+        raise UnsupportedModelError(
+            f"{st.name}: the hooked per-example contributions differ from p.grad by {err:.2e} "
+            f"(relative), beyond the rounding tolerance {tol:.0e} for {compute} compute: "
+            "the backward ran in a lower precision than the hooks saw (e.g. a custom autocast "
+            "region) or the gradient was modified during backward (a hook). Pass "
+            "validate=False if that is intended, or use VmapStats(model, loss_fn).")
+    raise UnsupportedModelError(
+        f"{st.name}: the hooked per-example contributions do not add up to p.grad (relative "
+        f"error {err:.2e}): the parameter also receives gradient from outside the modules "
+        "that own it (e.g. a tied head via F.linear, or a forward run twice with different "
+        "graphs). Use VmapStats(model, loss_fn) or the streaming gate for this model.")

@@ -21,7 +21,6 @@ gradients), ``grad_avg``, a raw-gradient EMA mean.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -29,37 +28,45 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ._common import GateMixin, check_common, gate_values, init_streaming, streaming_noise
+from ._common import GateMixin, check_common, check_number, param_list
+from ._kernels import KERNELS, GroupStep, Kernel, select_kernel
 from .stats import GradMoments, StatsSource
-from .transforms import adam_self_influence, check_gate_args, deviation_inflation
+from .transforms import check_gate_args
 
 __all__ = ["GatedAdamW"]
 
 
-def _check_hparams(lr: Any, betas: Any, eps: Any, weight_decay: Any, noise_beta: Any,
-                   gate_warmup: Any) -> None:
-    if isinstance(lr, Tensor):
-        lr = float(lr)
-    if not lr >= 0:
-        raise ConfigError(f"lr must be >= 0, got {lr}")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ConfigError(f"betas must be two numbers in [0, 1), got {betas}")
-    if not eps >= 0:
-        raise ConfigError(f"eps must be >= 0, got {eps}")
-    if not weight_decay >= 0:
-        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
-    if noise_beta is not None and not 0.0 <= noise_beta < 1.0:
-        raise ConfigError(f"noise_beta must be in [0, 1) (None = betas[1]), got {noise_beta}")
-    if not isinstance(gate_warmup, int) or gate_warmup < 0:
-        raise ConfigError(f"gate_warmup must be an integer >= 0, got {gate_warmup!r}")
+#: ``torch.optim.AdamW`` options GatedAdamW does not implement (accepted as ``False`` only)
+UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")
 
 
-def _check_fused(fused: Any, gate_on: str) -> None:
-    if fused not in (True, False):
-        raise ConfigError(f"fused must be True or False, got {fused!r}")
-    if fused and gate_on != "update":
-        raise ConfigError(f"fused=True implements gate_on='update' only, got {gate_on!r}; use "
-                          "fused=False for the other placements")
+def _check_group(g: Mapping[str, Any]) -> None:
+    """Validate one param group's settings (ConfigError naming the fix)."""
+    check_number("lr", g["lr"], fix="; lr is a learning rate")
+    betas = g["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ConfigError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    for b in betas:
+        check_number("betas", b, high=1.0, high_open=True, fix=f" (in betas={betas!r})")
+    check_number("eps", g["eps"])
+    check_number("weight_decay", g["weight_decay"])
+    if g["noise_beta"] is not None:
+        check_number("noise_beta", g["noise_beta"], high=1.0, high_open=True,
+                     fix=" (None = betas[1])")
+    check_number("gate_warmup", g["gate_warmup"], integer=True)
+    if g["foreach"] not in (None, True, False):
+        raise ConfigError(f"foreach must be None, True or False, got {g['foreach']!r}")
+    check_gate_args(g["gate"], g["threshold"], g["gate_on"])
+    if g["fused"] not in (True, False, None):
+        raise ConfigError(f"fused must be True, False or None (default: where available), "
+                          f"got {g['fused']!r}")
+    if g["fused"] and g["gate_on"] != "update":
+        raise ConfigError(f"fused=True implements gate_on='update' only, got {g['gate_on']!r}; "
+                          "use fused=False for the other placements")
+    for flag in UNSUPPORTED:
+        if g.get(flag):
+            raise ConfigError(f"GatedAdamW does not implement AdamW's {flag}=True; use "
+                              f"torch.optim.AdamW({flag}=True) (no gate), or {flag}=False")
 
 
 class GatedAdamW(GateMixin, torch.optim.Optimizer):
@@ -86,11 +93,22 @@ class GatedAdamW(GateMixin, torch.optim.Optimizer):
         nonfinite: non-finite gradients → ``'skip'`` the step (state untouched; a
             ``RuntimeWarning`` and ``gate_stats()['skipped_steps']`` report it), ``'raise'``
             :class:`NonFiniteError`, or ``'ignore'`` (no check: fastest).
-        foreach: use ``torch._foreach_*`` list ops (default: on CUDA only, as ``torch.optim``).
-        fused: run the ``update``-placement step as one ``torch.compile``'d kernel per tensor
-            (about 0.5× ``torch.optim.AdamW(foreach=True)``'s step on CPU instead of about 2×;
-            the first step compiles, 15–45 s, and needs a C++ compiler). ``gate_on='update'``
-            only; steps with an attached estimator use the eager path.
+        foreach: ``True``: ``torch._foreach_*`` list ops; ``None`` (default): list ops on CUDA
+            (as ``torch.optim``) and with the gate off, else the fastest eager kernel
+            (:attr:`kernels`); ``False``: no list ops.
+        fused: the fused step (the ``compiled`` kernel, :mod:`._fused`): noise state, gate,
+            moments and update in one pass over each parameter's state — a C++ extension on
+            CPU (bit for bit the eager reference; about torch's ``AdamW(fused=True)`` speed),
+            Triton on CUDA (untested on a GPU). ``None`` (default): used where available, i.e.
+            float32/float64 contiguous tensors, the ``update`` placement or the gate off, and on
+            CPU the extension already built (``make install`` or ``python -m
+            tangentscope.optim._build --build``; never compiled implicitly); else the eager
+            kernels. ``True``: the same, building the extension on first use if needed (once per
+            machine, 15–40 s; without a C++ compiler: one ``RuntimeWarning``, then the eager
+            kernels); ``gate_on='update'`` only. ``False``: eager kernels only. Steps with an
+            estimator asking for its terms, and bfloat16/float16, use the eager kernels.
+        amsgrad, maximize, capturable, differentiable: ``torch.optim.AdamW``'s options, not
+            implemented: ``False`` only (``True`` raises, naming the alternative).
 
     Raises:
         ConfigError: invalid settings (before any state exists).
@@ -101,21 +119,27 @@ class GatedAdamW(GateMixin, torch.optim.Optimizer):
                  weight_decay: float = 1e-2, *, gate: bool | str = True, threshold: float = 1.0,
                  gate_on: str = "update", stats: str | StatsSource = "streaming",
                  noise_beta: float | None = None, gate_warmup: int = 0,
-                 nonfinite: str = "skip", foreach: bool | None = None, fused: bool = False):
-        _check_hparams(lr, betas, eps, weight_decay, noise_beta, gate_warmup)
-        check_gate_args(gate, threshold, gate_on)
-        _check_fused(fused, gate_on)
-        check_common(stats, nonfinite)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        gate=gate, threshold=float(threshold), gate_on=gate_on,
+                 nonfinite: str = "skip", foreach: bool | None = None,
+                 fused: bool | None = None,
+                 amsgrad: bool = False, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False):
+        defaults: dict[str, Any] = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        gate=gate, threshold=threshold, gate_on=gate_on,
                         noise_beta=noise_beta, gate_warmup=gate_warmup, foreach=foreach,
-                        fused=fused)
-        super().__init__(params, defaults)
+                        fused=fused, amsgrad=amsgrad, maximize=maximize, capturable=capturable,
+                        differentiable=differentiable)
+        _check_group(defaults)
+        check_common(stats, nonfinite)
+        defaults.update(betas=tuple(betas), threshold=float(threshold))
+        super().__init__(param_list(params, "GatedAdamW"), defaults)
         self.stats = stats
         self.nonfinite = nonfinite
         self._init_gate()
-        self._estimators: list[Any] = []
         self._scratch: dict[Any, Tensor] = {}       # reusable work buffers (not state)
+
+    _supports_terms = True
+    #: the step kernels in order of preference (see :mod:`._kernels`): name, predicate, function
+    kernels: tuple[Kernel, ...] = KERNELS
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # also runs at the end of load_state_dict: a torch.optim.AdamW checkpoint lacks the
@@ -126,13 +150,38 @@ class GatedAdamW(GateMixin, torch.optim.Optimizer):
                 group.setdefault(k, v)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.add_param_group``, validating the gate settings."""
-        super().add_param_group(param_group)
-        g = self.param_groups[-1]
-        _check_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"], g["noise_beta"],
-                       g["gate_warmup"])
-        check_gate_args(g["gate"], g["threshold"], g["gate_on"])
-        _check_fused(g["fused"], g["gate_on"])
+        """As ``torch.optim.Optimizer.add_param_group``, validating the gate settings (a group
+        with a bad value raises and is not kept)."""
+        n = len(self.param_groups)
+        try:
+            super().add_param_group(param_group)
+            _check_group(self.param_groups[-1])
+        except ConfigError:
+            del self.param_groups[n:]
+            raise
+        except (TypeError, ValueError) as e:         # torch's own checks (duplicates, types)
+            del self.param_groups[n:]
+            raise ConfigError(f"GatedAdamW.add_param_group: {e}; pass a dict with new "
+                              "parameters under 'params'") from e
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict()`` plus ``'gate_telemetry'`` (the telemetry step
+        counter and skipped steps; ``torch.optim.AdamW`` ignores the extra key)."""
+        sd = super().state_dict()
+        sd["gate_telemetry"] = self._telemetry_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``GatedAdamW`` or ``torch.optim.AdamW`` state dict.
+
+        Raises:
+            ConfigError: its param groups use an AdamW option GatedAdamW does not implement
+                (``amsgrad``, ``maximize``, …) or another bad value — before anything changes.
+        """
+        for g in state_dict.get("param_groups", []):
+            _check_group({**self.defaults, **g})
+        super().load_state_dict(state_dict)
+        self._load_telemetry_state(state_dict.get("gate_telemetry"))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,
@@ -153,246 +202,15 @@ class GatedAdamW(GateMixin, torch.optim.Optimizer):
         loss, collected, work, skip = self._begin_step(closure, moments, "GatedAdamW")
         if skip:
             return loss
-        tele = []
-        terms = [] if self._estimators else None
+        tele, names = [], []
+        terms: list[dict[str, Tensor]] | None = [] if self._needs_terms() else None
         for group, ps, mode in work:
             mom = None if collected is None or (mode is None and terms is None) else \
                 [collected.get(id(p)) for p in ps]
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = bool(ps) and all(p.is_cuda for p in ps)
-            if group["fused"] and terms is None and all(p.is_contiguous() for p in ps):
-                from ._fused import fused_update_step
-
-                tele.append(fused_update_step(ps, [self.state[p] for p in ps], group, mode, mom))
-            elif foreach and terms is None and ps:
-                tele.append(_multi_tensor_step(ps, [self.state[p] for p in ps], group, mode,
-                                               mom))
-            elif (mode == "hard" and mom is None and terms is None and group["gate_on"] ==
-                  "update" and group["threshold"] > 0):
-                tele.append(_streaming_hard_update_step(ps, [self.state[p] for p in ps], group,
-                                                        self._scratch))
-            else:
-                tele.append(_single_tensor_step(ps, [self.state[p] for p in ps], group, mode,
-                                                mom, terms, self._scratch))
+            k = GroupStep(ps, [self.state[p] for p in ps], group, mode, mom, terms, self._scratch)
+            kernel = select_kernel(k, self.kernels)
+            tele.append(kernel.run(k))
+            names.append(kernel.name)
         self._reset_source()
-        self._record(tele)
-        if terms is not None:
-            for est in self._estimators:
-                est._record_step(terms)
+        self._record(tele, names, terms)
         return loss
-
-
-# =================================================================================================
-# implementations (functional over lists of tensors; state dicts updated in place)
-# =================================================================================================
-def _init_state(p: Tensor, st: dict[str, Any], streaming: bool, gate_on: str) -> None:
-    if not st:
-        st["step"] = torch.tensor(0.0, dtype=torch.float32)
-        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    if streaming:
-        init_streaming(p, st, own_mean=gate_on != "update")
-
-
-def _gate_for(p: Tensor, st: dict[str, Any], group: dict[str, Any], mode: str | None,
-              mom: GradMoments | None, t: int, need_noise: bool = False
-              ) -> tuple[Tensor | None, tuple[Tensor, float] | None, Tensor]:
-    """``(gate or None, noise or None, signal)`` for one tensor, ``noise = (tensor, scale)``
-    with ``ν̂ = scale·tensor``; updates the streaming state.
-
-    With the gate off, ``ν̂`` is still computed (exact, or streaming) when ``need_noise``
-    (an estimator is attached).
-
-    The streaming reference mean is ``exp_avg`` (``t − 1`` raw gradients) for the ``update``
-    placement, else the state's own ``grad_avg``.
-    """
-    g = p.grad
-    if mode is None and not need_noise:
-        return None, None, g
-    if mom is not None:
-        nu, signal = (mom.noise_variance(), 1.0), mom.grad_sum
-    else:
-        beta1 = group["betas"][0]
-        nb = group["noise_beta"] if group["noise_beta"] is not None else group["betas"][1]
-        own = group["gate_on"] != "update"
-        nu = streaming_noise(g, st, beta1, nb, "grad_avg" if own else "exp_avg",
-                             None if own else t - 1)
-        signal = g
-    if mode is None or t <= group["gate_warmup"]:
-        return None, nu, signal
-    return gate_values(signal, nu, group["threshold"], mode, p.dtype), nu, signal
-
-
-def _single_tensor_step(params: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any],
-                        mode: str | None, moments: list[GradMoments] | None,
-                        terms: list[dict[str, Tensor]] | None, scratch: dict[Any, Tensor]
-                        ) -> tuple[Tensor, int] | None:
-    beta1, beta2 = group["betas"]
-    lr, eps, wd, gate_on = float(group["lr"]), group["eps"], group["weight_decay"], group["gate_on"]
-    passed: Tensor | None = None
-    numel = 0
-    for i, p in enumerate(params):
-        st = states[i]
-        mom = None if moments is None else moments[i]
-        _init_state(p, st, mom is None and (mode is not None or terms is not None), gate_on)
-        st["step"] += 1
-        t = int(st["step"].item())
-        gate, nu, signal = _gate_for(p, st, group, mode, mom, t, need_noise=terms is not None)
-        g = p.grad
-        m, v = st["exp_avg"], st["exp_avg_sq"]
-        p_old = p.detach().clone() if terms is not None else None
-        p.mul_(1 - lr * wd)
-        if gate is not None and gate_on == "grad":
-            g = g * gate
-        if gate is not None and gate_on == "moments":
-            m.lerp_(g, gate * (1 - beta1))
-            v.lerp_(g * g, gate * (1 - beta2))
-        else:
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bc1 = 1 - beta1 ** t
-        bc2_sqrt = math.sqrt(1 - beta2 ** t)
-        denom = torch.sqrt(v, out=_work_buffer(scratch, p, p.dtype))
-        denom.div_(bc2_sqrt).add_(eps)            # AdamW's ops, in a reused buffer
-        num = m if gate is None or gate_on == "grad" else torch.mul(
-            m, gate, out=_work_buffer(scratch, p, p.dtype, slot=1))
-        p.addcdiv_(num, denom, value=-lr / bc1)
-        if mode is not None:
-            numel += p.numel()
-            s = gate.sum() if gate is not None else torch.tensor(float(p.numel()))
-            passed = s if passed is None else passed + s
-        if terms is not None:
-            terms.append(_estimate_terms(p, p_old, g if gate_on == "grad" else p.grad, signal, nu,
-                                         st, group, gate, t))
-    return None if mode is None else (passed if passed is not None else torch.tensor(0.0), numel)
-
-
-def _work_buffer(scratch: dict[Any, Tensor], p: Tensor, dtype: torch.dtype, slot: int = 0
-                 ) -> Tensor:
-    """A ``p``-shaped view of a reusable buffer (avoids a fresh allocation, hence page faults,
-    for every tensor of every step)."""
-    key = (dtype, p.device, slot)
-    buf = scratch.get(key)
-    if buf is None or buf.numel() < p.numel():
-        buf = scratch[key] = torch.empty(p.numel(), dtype=dtype, device=p.device)
-    return buf[:p.numel()].view_as(p)
-
-
-def _streaming_hard_update_step(params: list[Tensor], states: list[dict[str, Any]],
-                                group: dict[str, Any], scratch: dict[Any, Tensor]
-                                ) -> tuple[Tensor, int]:
-    """The default configuration (streaming noise, hard gate on the update) in place, with one
-    float and one bool work buffer: the same step as :func:`_single_tensor_step`, fewer passes.
-
-    Gate: ``ĝ² > τ ŝ/(1 − β_sⁿ)`` ⇔ ``ŝ − c ĝ² < 0`` with ``c = (1 − β_sⁿ)/τ``; gated
-    coordinates get an infinite denominator (``m/∞ = 0``). The Adam denominator is
-    ``√v + ε√(1−β2ᵗ)`` with the step scaled by ``√(1−β2ᵗ)/(1−β1ᵗ)`` (algebraically AdamW's).
-    """
-    beta1, beta2 = group["betas"]
-    lr, eps, wd, tau = float(group["lr"]), group["eps"], group["weight_decay"], group["threshold"]
-    nb = group["noise_beta"] if group["noise_beta"] is not None else beta2
-    passed: Tensor | None = None
-    numel = 0
-    for p, st in zip(params, states):
-        _init_state(p, st, True, "update")
-    steps = [st["step"] for st in states]
-    if steps:
-        torch._foreach_add_(steps, 1)                 # one call and one sync per group
-    ts = [int(t) for t in torch.stack(steps).tolist()] if steps else []
-    for p, st, t in zip(params, states, ts):
-        g, m, v, s = p.grad, st["exp_avg"], st["exp_avg_sq"], st["exp_avg_dev_sq"]
-        d = _work_buffer(scratch, p, p.dtype)
-        shut = _work_buffer(scratch, p, torch.bool)
-        if t >= 2:                                    # exp_avg holds t − 1 gradients
-            torch.sub(g, m, alpha=1 / (1 - beta1 ** (t - 1)), out=d)
-            s.mul_(nb).addcmul_(d, d, value=(1 - nb) / deviation_inflation(beta1, t - 1))
-            st["noise_n"] += 1
-        gated = st["noise_n"] >= 1 and t > group["gate_warmup"]
-        if gated:
-            c = (1 - nb ** st["noise_n"]) / tau
-            torch.addcmul(s, g, g, value=-c, out=d)
-            torch.ge(d, 0, out=shut)
-        if wd:
-            p.mul_(1 - lr * wd)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bc2_sqrt = math.sqrt(1 - beta2 ** t)
-        torch.sqrt(v, out=d)
-        d.add_(eps * bc2_sqrt)
-        if gated:
-            d.masked_fill_(shut, math.inf)
-        p.addcdiv_(m, d, value=-lr * bc2_sqrt / (1 - beta1 ** t))
-        numel += p.numel()
-        n_pass = (p.numel() - shut.sum()) if gated else torch.tensor(p.numel())
-        passed = n_pass if passed is None else passed + n_pass
-    return (passed if passed is not None else torch.tensor(0), numel)
-
-
-def _estimate_terms(p: Tensor, p_old: Tensor, g_taken: Tensor, signal: Tensor,
-                    noise: tuple[Tensor, float] | None, st: dict[str, Any], group: dict[str, Any],
-                    gate: Tensor | None, t: int) -> dict[str, Tensor]:
-    """Per-tensor pieces of the population-risk estimate (see :mod:`.estimator`)."""
-    nu = None if noise is None else noise[0] * noise[1]
-    beta1, beta2 = group["betas"]
-    lr = float(group["lr"])
-    delta = p.detach() - p_old
-    gain = 1.0 if gate is None or group["gate_on"] == "update" else gate
-    J = adam_self_influence(st["exp_avg"], st["exp_avg_sq"], g_taken, t, beta1, beta2,
-                            group["eps"], moment_gain=gain)
-    if gate is not None and group["gate_on"] in ("update", "moments"):
-        J = J * gate
-    J = -lr * J
-    sig = signal.to(delta.dtype)
-    return {"grad_dot_delta": (sig * delta).sum().double(),
-            "self_influence": (torch.zeros((), dtype=torch.float64) if nu is None
-                               else (J.to(nu.dtype) * nu).sum().double()),
-            "noise": (torch.zeros((), dtype=torch.float64) if nu is None
-                      else nu.sum().double()),
-            "has_noise": torch.tensor(nu is not None)}
-
-
-def _multi_tensor_step(params: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any],
-                       mode: str | None, moments: list[GradMoments] | None
-                       ) -> tuple[Tensor, int] | None:
-    """The same step with ``torch._foreach_*`` ops over the group's tensors."""
-    beta1, beta2 = group["betas"]
-    lr, eps, wd, gate_on = float(group["lr"]), group["eps"], group["weight_decay"], group["gate_on"]
-    streaming = mode is not None and moments is None
-    for p, st in zip(params, states):
-        _init_state(p, st, streaming, gate_on)
-    steps = [st["step"] for st in states]
-    torch._foreach_add_(steps, 1)
-    ts = [int(s.item()) for s in steps]
-    grads = [p.grad for p in params]
-    exp_avgs = [st["exp_avg"] for st in states]
-    exp_avg_sqs = [st["exp_avg_sq"] for st in states]
-    gates: list[Tensor] | None = None
-    if mode is not None:
-        gates = []
-        for i, (p, st) in enumerate(zip(params, states)):
-            gate, _, _ = _gate_for(p, st, group, mode, None if moments is None else moments[i],
-                                   ts[i])
-            gates.append(gate if gate is not None else torch.ones_like(p))
-    torch._foreach_mul_(params, 1 - lr * wd)
-    if gates is not None and gate_on == "grad":
-        grads = torch._foreach_mul(grads, gates)
-    if gates is not None and gate_on == "moments":
-        torch._foreach_lerp_(exp_avgs, grads, torch._foreach_mul(gates, 1 - beta1))
-        torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads),
-                             torch._foreach_mul(gates, 1 - beta2))
-    else:
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    bc2_sqrt = [math.sqrt(1 - beta2 ** t) for t in ts]
-    step_size = [-lr / (1 - beta1 ** t) for t in ts]
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bc2_sqrt)
-    torch._foreach_add_(denom, eps)
-    num = exp_avgs if gates is None or gate_on == "grad" else torch._foreach_mul(exp_avgs, gates)
-    torch._foreach_addcdiv_(params, num, denom, step_size)
-    if gates is None:
-        return None
-    sums = torch._foreach_norm(gates, 1)
-    return torch.stack(sums).sum(), sum(p.numel() for p in params)

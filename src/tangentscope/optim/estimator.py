@@ -1,4 +1,4 @@
-"""Validation-free population-risk estimate (SPEC.md component E; docs/estimator.md).
+"""Validation-free population-risk estimate (docs/estimator.md; symbols: docs/notation.md).
 
 Each optimizer step moves the weights by ``Δw = F(ĝ)``, a function of the batch gradient
 estimate ``ĝ`` (``p.grad``). To first order the *population* loss changes by ``∇R · Δw``.
@@ -48,7 +48,9 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeError
+from ._common import StepInfo, check_number
+from .adamw import GatedAdamW
 
 __all__ = ["PopulationRiskEstimator", "PopulationRiskCurve", "predicted_change",
            "stopping_step", "curve_agreement"]
@@ -71,8 +73,25 @@ def predicted_change(grad: Tensor, delta: Tensor, noise_var: Tensor, self_influe
                                                      noise_var.double()).sum()
 
 
-def _scalar(x: Tensor | float) -> float:
-    return float(x.detach()) if isinstance(x, Tensor) else float(x)
+def _scalar(x: Tensor | float, what: str = "loss") -> float:
+    if isinstance(x, Tensor) and x.numel() == 1:
+        return float(x.detach())
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    raise ConfigError(f"the {what} must be a scalar (a Python number or a one-element tensor: "
+                      f"pass loss, the batch mean), got {type(x).__name__}"
+                      f"{' of shape ' + str(tuple(x.shape)) if isinstance(x, Tensor) else ''}")
+
+
+def _curve(values: Any, name: str) -> np.ndarray:
+    try:
+        out = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a 1-D sequence of numbers (pass a curve such as "
+                          f"PopulationRiskCurve.estimate), got {type(values).__name__}") from None
+    if out.ndim != 1:
+        raise ShapeError(f"{name} must be a 1-D curve, got shape {out.shape}; pass one curve")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +133,10 @@ def stopping_step(curve: np.ndarray, *, patience: int, min_delta: float = 0.0,
         ``(stop_index, best_index)``: where the rule stops (``T − 1`` if it never does) and the
         best point seen by then — the checkpoint it would restore.
     """
-    if patience < 1:
-        raise ConfigError(f"patience must be >= 1, got {patience}")
+    check_number("patience", patience, low=1, integer=True)
+    check_number("min_delta", min_delta)
+    check_number("start", start, integer=True)
+    curve = _curve(curve, "curve")
     best_i, best = -1, np.inf
     for i in range(start, len(curve)):
         v = curve[i]
@@ -132,12 +153,15 @@ def curve_agreement(estimate: np.ndarray, real: np.ndarray) -> dict[str, float]:
     """Pearson and Spearman correlation of two curves sampled at the same points (pairs with a
     non-finite value are dropped; ties ranked by order). NaN with fewer than 3 pairs or a
     constant curve."""
-    e, r = np.asarray(estimate, dtype=float), np.asarray(real, dtype=float)
+    e, r = _curve(estimate, "estimate"), _curve(real, "real")
+    if e.shape != r.shape:
+        raise ShapeError(f"curve_agreement compares curves sampled at the same points, got "
+                         f"{e.shape[0]} and {r.shape[0]} points; pass curves of one length")
     ok = np.isfinite(e) & np.isfinite(r)
     e, r = e[ok], r[ok]
     if e.size < 3 or np.ptp(e) == 0 or np.ptp(r) == 0:
         return {"pearson": float("nan"), "spearman": float("nan"), "points": int(e.size)}
-    rank = lambda v: np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(float)  # noqa: E731
+    rank = lambda v: np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(float)
     return {"pearson": float(np.corrcoef(e, r)[0, 1]),
             "spearman": float(np.corrcoef(rank(e), rank(r))[0, 1]), "points": int(e.size)}
 
@@ -147,8 +171,9 @@ class PopulationRiskEstimator:
 
     Args:
         optimizer: a :class:`~tangentscope.optim.GatedAdamW` (``gate=False`` for plain AdamW);
-            while attached, its steps take the per-tensor path and compute ``Δw`` and ``J``
-            (about two extra parameter-sized passes).
+            the estimator attaches as a step observer (``register_step_observer(...,
+            needs_terms=True)``): while attached, steps take the reference kernel and compute
+            ``Δw`` and ``J`` (about two extra parameter-sized passes).
         initial_loss: ``L_0``; default: the first :meth:`observe`'d batch loss.
 
     Raises:
@@ -156,15 +181,13 @@ class PopulationRiskEstimator:
     """
 
     def __init__(self, optimizer: Any, *, initial_loss: float | None = None):
-        from .adamw import GatedAdamW
-
         if not isinstance(optimizer, GatedAdamW):
             raise ConfigError("PopulationRiskEstimator needs a GatedAdamW (use gate=False for "
                               "plain AdamW): the estimate needs the Jacobian of the actual "
                               f"update, got {type(optimizer).__name__}")
+        self._l0 = None if initial_loss is None else _scalar(initial_loss, "initial_loss")
         self.optimizer = optimizer
-        optimizer._estimators.append(self)
-        self._l0 = initial_loss
+        self._handle: Any = optimizer.register_step_observer(self._on_step, needs_terms=True)
         self._dot: list[float] = []
         self._self: list[float] = []
         self._noise: list[bool] = []
@@ -174,8 +197,9 @@ class PopulationRiskEstimator:
 
     def detach(self) -> None:
         """Stop receiving steps (the optimizer returns to its fast path)."""
-        if self in self.optimizer._estimators:
-            self.optimizer._estimators.remove(self)
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
     def observe(self, loss: Tensor | float) -> None:
         """Record the current batch's loss at ``w_t`` (call before ``opt.step()``)."""
@@ -190,12 +214,16 @@ class PopulationRiskEstimator:
             raise ConfigError("observe_after() comes after opt.step(); no step recorded yet")
         self._after[-1] = _scalar(loss)
 
-    def _record_step(self, terms: list[dict[str, Tensor]]) -> None:
-        dot = float(sum(t["grad_dot_delta"] for t in terms)) if terms else 0.0
-        si = float(sum(t["self_influence"] for t in terms)) if terms else 0.0
+    def _on_step(self, optimizer: Any, info: StepInfo) -> None:
+        """The step observer: accumulate one step's terms (skipped steps add nothing)."""
+        if info.skipped or info.terms is None:
+            return
+        terms = info.terms
+        dot = float(sum(t.grad_dot_delta for t in terms)) if terms else 0.0
+        si = float(sum(t.self_influence for t in terms)) if terms else 0.0
         self._dot.append(dot)
         self._self.append(-si)
-        self._noise.append(bool(terms) and all(bool(t["has_noise"]) for t in terms))
+        self._noise.append(bool(terms) and all(bool(t.has_noise) for t in terms))
         self._before.append(np.nan if self._pending_before is None else self._pending_before)
         self._after.append(np.nan)
         self._pending_before = None

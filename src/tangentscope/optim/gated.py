@@ -21,7 +21,11 @@ parameter-sized vectors. Placements, for an optimizer the wrapper cannot see ins
 It is a ``torch.optim.Optimizer`` sharing ``param_groups`` and ``state`` with the base, so LR
 schedulers, ``GradScaler`` and Hugging Face ``Trainer(optimizers=(opt, sched))`` accept it.
 Per-group gate settings are keys of the base's param groups (``gate``, ``threshold``,
-``gate_on``, ``gate_warmup``).
+``gate_on``, ``gate_warmup``). ``step(closure)`` evaluates the closure once for the gate and
+hands the base a closure whose first call returns that loss (an optimizer that re-evaluates,
+such as LBFGS, gets fresh evaluations after it: gate it with ``gate_on='update'``).
+``gate_on='moments'`` is refused for optimizers whose preconditioner is not diagonal
+(:data:`NON_DIAGONAL`, or state kept as matrices).
 """
 
 from __future__ import annotations
@@ -33,13 +37,45 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ._common import GateMixin, check_common, gate_values, init_streaming, streaming_noise
+from ._common import (
+    GateMixin,
+    check_common,
+    check_number,
+    gate_values,
+    init_streaming,
+    streaming_noise,
+)
 from .stats import GradMoments, StatsSource
 from .transforms import check_gate_args
 
 __all__ = ["GatedOptimizer", "gate"]
 
 _GATE_KEYS = ("gate", "threshold", "gate_on", "gate_warmup")
+#: optimizers whose preconditioner mixes coordinates (orthogonalized or matrix-preconditioned
+#: updates): their moments cannot be frozen per coordinate (``gate_on='moments'``)
+NON_DIAGONAL = ("Muon", "SOAP", "Shampoo", "DistributedShampoo", "KFAC", "EKFAC", "Kron",
+                "PSGD", "PSGDKron", "Scion", "Dion")
+#: optimizers that re-evaluate the closure inside ``step()``: only ``gate_on='update'`` gates
+#: them (a gated gradient would be recomputed)
+REEVALUATING = ("LBFGS",)
+
+
+def _class_names(optimizer: torch.optim.Optimizer) -> set[str]:
+    return {c.__name__ for c in type(optimizer).__mro__}
+
+
+def _check_placement(optimizer: torch.optim.Optimizer, gate_on: str) -> None:
+    names = _class_names(optimizer)
+    if gate_on == "moments" and names & set(NON_DIAGONAL):
+        raise ConfigError(
+            f"gate_on='moments' freezes the base optimizer's state per coordinate, but the "
+            f"preconditioner of {type(optimizer).__name__} is not diagonal (its update mixes "
+            "coordinates): use gate_on='update' or 'grad'")
+    if gate_on != "update" and names & set(REEVALUATING):
+        raise ConfigError(
+            f"{type(optimizer).__name__} re-evaluates the closure inside step(), which would "
+            f"recompute the gradient gate_on={gate_on!r} gated: use gate_on='update' (the "
+            "whole move is gated)")
 
 
 class GatedOptimizer(GateMixin, torch.optim.Optimizer):
@@ -64,22 +100,22 @@ class GatedOptimizer(GateMixin, torch.optim.Optimizer):
                  mean_beta: float = 0.9, noise_beta: float = 0.999, nonfinite: str = "skip"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"GatedOptimizer wraps a torch.optim.Optimizer, got "
-                              f"{type(optimizer).__name__}")
+                              f"{type(optimizer).__name__}; pass one, e.g. "
+                              "gate(torch.optim.SGD(model.parameters(), lr=0.1))")
         if isinstance(optimizer, GatedOptimizer):
             raise ConfigError("this optimizer is already gated")
         check_gate_args(gate, threshold, gate_on)
         check_common(stats, nonfinite)
         for name, b in (("mean_beta", mean_beta), ("noise_beta", noise_beta)):
-            if not 0.0 <= b < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {b}")
-        if not isinstance(gate_warmup, int) or gate_warmup < 0:
-            raise ConfigError(f"gate_warmup must be an integer >= 0, got {gate_warmup!r}")
+            check_number(name, b, high=1.0, high_open=True)
+        check_number("gate_warmup", gate_warmup, integer=True)
         defaults = dict(gate=gate, threshold=float(threshold), gate_on=gate_on,
                         gate_warmup=gate_warmup)
         for g in optimizer.param_groups:
+            self._check_group({**defaults, **g}, optimizer)
+        for g in optimizer.param_groups:
             for k, v in defaults.items():
                 g.setdefault(k, v)
-            check_gate_args(g["gate"], g["threshold"], g["gate_on"])
         super().__init__([{"params": list(g["params"])} for g in optimizer.param_groups],
                          {**optimizer.defaults, **defaults})
         self.optimizer = optimizer
@@ -95,28 +131,48 @@ class GatedOptimizer(GateMixin, torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"GatedOptimizer({self.optimizer!r})"
 
+    @staticmethod
+    def _check_group(g: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+        check_gate_args(g["gate"], g["threshold"], g["gate_on"])
+        check_number("gate_warmup", g["gate_warmup"], integer=True)
+        _check_placement(optimizer, g["gate_on"])
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the base optimizer (with the gate defaults)."""
+        """Add a group to the base optimizer (with the gate defaults; a group with a bad value
+        raises and is not kept)."""
         if not hasattr(self, "optimizer"):       # during torch.optim.Optimizer.__init__
             return super().add_param_group(param_group)
-        self.optimizer.add_param_group(param_group)
-        g = self.optimizer.param_groups[-1]
-        for k in _GATE_KEYS:
-            g.setdefault(k, self.defaults[k])
-        check_gate_args(g["gate"], g["threshold"], g["gate_on"])
+        n = len(self.optimizer.param_groups)
+        try:
+            self.optimizer.add_param_group(param_group)
+            g = self.optimizer.param_groups[-1]
+            for k in _GATE_KEYS:
+                g.setdefault(k, self.defaults[k])
+            self._check_group(g, self.optimizer)
+        except ConfigError:
+            del self.optimizer.param_groups[n:]
+            raise
+        except (TypeError, ValueError) as e:         # the base's own checks
+            del self.optimizer.param_groups[n:]
+            raise ConfigError(f"GatedOptimizer.add_param_group: {e}; pass a dict with new "
+                              "parameters under 'params'") from e
 
     # -- state dict: the base's, plus the streaming gate state ------------------------------------
     def state_dict(self) -> dict[str, Any]:
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         gate_state = {index[k]: dict(v) for k, v in self.gate_state.items() if k in index}
         return {"base": self.optimizer.state_dict(), "gate_state": gate_state,
-                "gate_steps": self._steps}
+                "gate_steps": self._steps, "gate_telemetry": self._telemetry_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "base" not in state_dict:
             raise ConfigError("not a GatedOptimizer state dict (no 'base' key); load a plain "
                               "optimizer's state into the base: opt.optimizer.load_state_dict()")
         self.optimizer.load_state_dict(state_dict["base"])
+        # torch's load_state_dict replaces the base's param_groups and state: share them again
+        # (LR schedulers and gate_on='moments' read them through the wrapper)
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
         params = [p for g in self.param_groups for p in g["params"]]
         self.gate_state = {}
         for i, st in state_dict["gate_state"].items():
@@ -124,6 +180,8 @@ class GatedOptimizer(GateMixin, torch.optim.Optimizer):
             self.gate_state[id(p)] = {k: (v.to(p) if isinstance(v, Tensor) else v)
                                       for k, v in st.items()}
         self._steps = state_dict.get("gate_steps", 0)
+        self._load_telemetry_state(state_dict.get("gate_telemetry",
+                                                  {"step": self._steps, "skipped_steps": 0}))
 
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -133,6 +191,10 @@ class GatedOptimizer(GateMixin, torch.optim.Optimizer):
         loss, collected, work, skip = self._begin_step(closure, moments, "GatedOptimizer")
         if skip:
             return loss
+        for group, ps, mode in work:                 # refuse before anything changes
+            if mode is not None and group["gate_on"] == "moments":
+                for p in ps:
+                    self._check_state(p)
         self._steps += 1
         pending: list[tuple[Tensor, Tensor, str, dict[str, Tensor]]] = []
         tele: list[Any] = []
@@ -153,20 +215,39 @@ class GatedOptimizer(GateMixin, torch.optim.Optimizer):
                     pending.append((p, gate, group["gate_on"], self._snapshot(p, group)))
             tele.append((passed, numel))
         with torch.enable_grad():
-            self.optimizer.step()
+            self.optimizer.step(None if closure is None else self._replay(closure, loss))
         for p, gate, _, old in pending:
             for key, before in old.items():
                 now = p if key == "" else self.state[p][key]
                 now.copy_(torch.lerp(before, now, gate))
         self._reset_source()
-        self._record(tele)
+        self._record(tele, ["wrapped"] * len(tele))
         return loss
 
-    def _snapshot(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        out = {"": p.detach().clone()}
-        if group["gate_on"] != "moments":
-            return out
+    @staticmethod
+    def _replay(closure: Callable[[], Any], loss: Any) -> Callable[[], Any]:
+        """The closure for the base's ``step``: its first call returns the loss already
+        evaluated (the gradients the gate saw), later calls (LBFGS) re-evaluate."""
+        first = [loss]
+
+        def replay() -> Any:
+            if first:
+                return first.pop()
+            with torch.enable_grad():
+                return closure()
+
+        return replay
+
+    def _check_state(self, p: Tensor) -> None:
+        """``gate_on='moments'``: the base's state for ``p`` must be per-coordinate."""
         for key, v in self.state.get(p, {}).items():
+            if isinstance(v, (list, tuple, dict)) and any(
+                    isinstance(x, Tensor) for x in (v.values() if isinstance(v, dict) else v)):
+                raise ConfigError(
+                    f"gate_on='moments' freezes state shaped like the parameter, but "
+                    f"{type(self.optimizer).__name__} keeps {key!r} as a collection of tensors "
+                    "(a matrix preconditioner: not diagonal); use gate_on='update' or 'grad' "
+                    "with this optimizer.")
             if not isinstance(v, Tensor) or not v.is_floating_point() or v.numel() <= 1:
                 continue
             if v.shape != p.shape:
@@ -175,18 +256,28 @@ class GatedOptimizer(GateMixin, torch.optim.Optimizer):
                     f"{type(self.optimizer).__name__} keeps {key!r} of shape {tuple(v.shape)} for "
                     f"a parameter of shape {tuple(p.shape)} (factored statistics); use "
                     "gate_on='update' or 'grad' with this optimizer.")
-            out[key] = v.clone()
+
+    def _snapshot(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        out = {"": p.detach().clone()}
+        if group["gate_on"] != "moments":
+            return out
+        for key, v in self.state.get(p, {}).items():
+            if isinstance(v, Tensor) and v.is_floating_point() and v.numel() > 1:
+                out[key] = v.clone()
         return out
 
     def _gate(self, p: Tensor, group: dict[str, Any], mode: str, mom: GradMoments | None
               ) -> Tensor | None:
+        nu: tuple[Tensor, float] | None
         if mom is not None:
             nu, signal = (mom.noise_variance(), 1.0), mom.grad_sum
         else:
             st = self.gate_state.setdefault(id(p), {})
             init_streaming(p, st, own_mean=True)
-            nu, signal = streaming_noise(p.grad, st, self.mean_beta, self.noise_beta,
-                                         "grad_avg"), p.grad
+            grad = p.grad
+            assert grad is not None
+            nu, signal = streaming_noise(grad, st, self.mean_beta, self.noise_beta,
+                                         "grad_avg"), grad
         if self._steps <= group["gate_warmup"]:
             return None
         return gate_values(signal, nu, group["threshold"], mode, p.dtype)

@@ -86,16 +86,36 @@ def grokfast_ma(grads: Sequence[Tensor], window: Sequence[Sequence[Tensor]], *,
 def _param_list(params: Iterable[Tensor] | nn.Module) -> list[Tensor]:
     if isinstance(params, nn.Module):
         params = params.parameters()
-    out = [p for p in params if p.requires_grad]
+    items = [] if isinstance(params, (Tensor, str, bytes)) or \
+        not isinstance(params, Iterable) else list(params)
+    if not items or not all(isinstance(p, Tensor) for p in items):
+        raise ConfigError("Grokfast: no trainable parameters given; pass model.parameters() "
+                          "(or the module itself)")
+    out = [p for p in items if p.requires_grad]
     if not out:
         raise ConfigError("Grokfast: no trainable parameters given; pass model.parameters() "
                           "(or the module itself)")
     return out
 
 
+def _finite(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def _check_gain(lamb: float) -> None:
-    if not math.isfinite(lamb):
-        raise ConfigError(f"Grokfast: lamb must be finite, got {lamb!r}")
+    if not _finite(lamb):
+        raise ConfigError(f"Grokfast: lamb must be finite, got {lamb!r} (a number: 2 for the EMA "
+                          "filter, 5 for the MA filter are the paper's)")
+
+
+def _check_state(state: Any, keys: tuple[str, str], n: int, who: str) -> None:
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        raise ConfigError(f"{who}.load_state_dict needs {who}.state_dict()'s keys {keys}; pass "
+                          "the state of the same kind of filter")
+    if len(state[keys[0]]) != n:
+        raise ConfigError(f"{who}.load_state_dict: the state holds {len(state[keys[0]])} "
+                          f"tensors but the filter has {n} parameters; load the state of a "
+                          "filter built on the same parameters")
 
 
 class GrokfastEMA:
@@ -111,7 +131,7 @@ class GrokfastEMA:
 
     def __init__(self, params: Iterable[Tensor] | nn.Module, *, alpha: float = 0.98,
                  lamb: float = 2.0):
-        if not 0.0 <= alpha < 1.0:
+        if not (_finite(alpha) and 0.0 <= alpha < 1.0):
             raise ConfigError(f"GrokfastEMA: alpha must be in [0, 1), got {alpha!r} "
                               "(0.98 is the paper's default)")
         _check_gain(lamb)
@@ -141,9 +161,7 @@ class GrokfastEMA:
                 "alpha": self.alpha, "lamb": self.lamb}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["ema"]) != len(self.params):
-            raise ConfigError(f"GrokfastEMA.load_state_dict: state holds {len(state['ema'])} "
-                              f"tensors but the filter has {len(self.params)} parameters")
+        _check_state(state, ("ema", "steps"), len(self.params), "GrokfastEMA")
         self.ema = [None if h is None else h.to(p) for h, p in zip(state["ema"], self.params)]
         self.steps = int(state["steps"])
 
@@ -160,7 +178,7 @@ class GrokfastMA:
 
     def __init__(self, params: Iterable[Tensor] | nn.Module, *, window_size: int = 100,
                  lamb: float = 5.0, warmup: bool = True):
-        if not isinstance(window_size, int) or window_size < 1:
+        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
             raise ConfigError(f"GrokfastMA: window_size must be a positive integer, got "
                               f"{window_size!r} (100 is the paper's default)")
         _check_gain(lamb)
@@ -200,8 +218,7 @@ class GrokfastMA:
         return {"window": [[g.clone() for g in q] for q in self.window], "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["window"]) != len(self.params):
-            raise ConfigError("GrokfastMA.load_state_dict: parameter count differs from the state")
+        _check_state(state, ("window", "steps"), len(self.params), "GrokfastMA")
         for q, saved, p in zip(self.window, state["window"], self.params):
             q.clear()
             q.extend(g.to(p) for g in saved)

@@ -6,12 +6,14 @@ variance ``ν = Var[ĝ]`` (:func:`~tangentscope.optim.transforms.noise_variance`
 ``S1 = Σ_i c_i``, ``S2 = Σ_i c_i²`` and ``b``, which a :class:`StatsSource` collects while
 ``loss.backward()`` runs:
 
-* :class:`PerExampleStats` — exact, per-example, from closed forms on ``Linear``,
-  ``Embedding``, ``Conv1d/2d``, ``LayerNorm``, ``RMSNorm`` and eval-mode ``BatchNorm``: the
-  per-parameter ``Σ_i c_i²`` from each layer's inputs and output gradients (BackPACK's
-  SumGradSquared idea), without materializing per-example gradients where a closed form exists
-  (a Linear layer applied once per example: ``Σ_i c_i² = (δ²)ᵀ(a²)``). Tied or reused weights
-  are summed per example before squaring.
+* :class:`PerExampleStats` — exact, per-example, from the closed forms of the derivative
+  rules (:mod:`tangentscope.derivatives`: ``Linear``, ``Embedding``, ``Conv1d/2d`` with groups
+  and any padding mode, ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, eval-mode ``BatchNorm``,
+  and layers added with :func:`~tangentscope.derivatives.register_rule`): the per-parameter
+  ``Σ_i c_i²`` from each layer's inputs and output gradients (BackPACK's SumGradSquared idea),
+  without materializing per-example gradients where a closed form exists (a Linear layer
+  applied once per example: ``Σ_i c_i² = (δ²)ᵀ(a²)``). Tied or reused weights are summed per
+  example before squaring.
 * :class:`VmapStats` — exact, per-example, by ``torch.func.vmap(grad)``: any model, the
   brute-force twin of :class:`PerExampleStats` (it stores every per-example gradient of a
   chunk, which is its cost).
@@ -29,6 +31,14 @@ gate is invariant to any common scale (``ĝ²`` and ``ν̂`` scale alike), and `
 scale (equal-size microbatches). Examples must not interact (no train-mode BatchNorm) and the
 loss must be a sum/mean over examples.
 
+**Distributed data parallel.** Under an initialized ``torch.distributed`` group with more
+than one rank (``distributed=None`` → auto), every source reduces its sums across ranks at
+:meth:`~StatsSource.collect` (DDP averages gradients, so each rank's contribution enters as
+``c/R``): all ranks gate on the same global statistics and stay identical.
+
+**Skipped steps.** A backward that starts on cleared gradients (``zero_grad()`` after a
+``GradScaler`` skipped ``step()`` on overflow) drops the sums no optimizer step consumed.
+
 Usage::
 
     stats = PerExampleStats(model)                  # hooks the model
@@ -39,14 +49,16 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..derivatives import LayerRule, registered_modules, rule_for_module
 from ..errors import ConfigError, ShapeError, UnsupportedModelError
-from ._layers import _BatchNormEval, _Layer, _acc_dtype, _layer_for, supported_modules
+from ._layers import ParamState, acc_dtype, check_total, contributions, graph_task
 from .transforms import loo_decrease, noise_variance
 
 __all__ = ["GradMoments", "StatsSource", "PerExampleStats", "VmapStats", "MicrobatchStats",
@@ -120,36 +132,70 @@ class StatsSource:
         self.remove()
 
 
+def supported_modules() -> tuple[type, ...]:
+    """Module types :class:`PerExampleStats` has closed forms for (the registered derivative
+    rules, :func:`tangentscope.derivatives.register_rule`)."""
+    return registered_modules()
+
+
+def _world(distributed: bool | None, group: Any, who: str) -> int:
+    """Ranks to reduce over: 1 unless ``torch.distributed`` is initialized with several."""
+    if distributed is False:
+        return 1
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if distributed:
+            raise ConfigError(f"{who}(distributed=True) but torch.distributed is not "
+                              "initialized: call torch.distributed.init_process_group first")
+        return 1
+    return dist.get_world_size(group)
+
+
+def _all_reduce(parts: Sequence[Tensor], group: Any) -> list[Tensor]:
+    """Sum ``parts`` over the ranks with one flat all-reduce (same order on every rank)."""
+    import torch.distributed as dist
+
+    dtype = torch.promote_types(parts[0].dtype, torch.float32) if parts else torch.float32
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in parts])
+    dist.all_reduce(flat, group=group)
+    out, i = [], 0
+    for t in parts:
+        out.append(flat[i:i + t.numel()].view(t.shape).to(t.dtype))
+        i += t.numel()
+    return out
+
+
+def _reduce_moments(params: Sequence[Tensor], local: dict[int, tuple[Tensor, Tensor, int]],
+                    R: int, group: Any, source: str) -> dict[int, GradMoments]:
+    """Global moments from each rank's ``id(p) -> (S1, S2, b)``: ``S1/R``, ``S2/R²``, ``Σ b``
+    (DDP averages ranks). Every rank reduces every parameter, in ``params`` order."""
+    if R == 1:
+        return {k: GradMoments(s1, s2, b, source) for k, (s1, s2, b) in local.items()}
+    parts: list[Tensor] = []
+    for p in params:
+        s1, s2, _ = local.get(id(p), (None, None, 0))
+        z = torch.zeros(p.shape, dtype=acc_dtype(p), device=p.device)
+        parts += [z if s1 is None else s1, z if s2 is None else s2]
+    counts = torch.tensor([float(local.get(id(p), (None, None, 0))[2]) for p in params],
+                          dtype=torch.float64, device=params[0].device if params else None)
+    *sums, counts = _all_reduce([*parts, counts], group)
+    out = {}
+    for j, p in enumerate(params):
+        b = int(round(float(counts[j])))
+        if b > 0:
+            out[id(p)] = GradMoments(sums[2 * j] / R, sums[2 * j + 1] / (R * R), b, source)
+    return out
+
+
 # =================================================================================================
-# Closed-form per-example statistics (the per-layer math lives in ._layers)
+# Closed-form per-example statistics (the per-layer math lives in tangentscope.derivatives)
 # =================================================================================================
-@dataclasses.dataclass
-class _ParamState:
-    name: str
-    sq: Tensor | None = None          # Σ_i c_i² since reset
-    grad: Tensor | None = None        # p.grad snapshot after the last backward (S1)
-    count: int = 0                    # examples since reset
-    uses: int = 0                     # forward uses awaiting backward
-    pending_sq: Tensor | None = None  # this backward, single use: closed form
-    pending_sum: Tensor | None = None  # this backward, for validation
-    buf: Tensor | None = None         # this backward, several uses: per-example sum
-    pending_b: int = 0
-    task: int = -1                    # autograd graph task the pending values belong to
-
-    def drop_pending(self) -> None:
-        self.pending_sq = self.pending_sum = self.buf = None
-        self.pending_b, self.task = 0, -1
-
-
-def _graph_task() -> int:
-    """Id of the running backward pass (``torch.autograd.grad`` calls get their own)."""
-    return torch._C._current_graph_task_id()
-
-
 class PerExampleStats(StatsSource):
-    """Exact per-example gradient statistics from closed forms on the model's layers.
+    """Exact per-example gradient statistics from the closed forms of the model's layers.
 
-    Hooks every supported layer of ``model`` (:func:`supported_modules`). During each
+    Hooks every layer of ``model`` that has a derivative rule (:func:`supported_modules`;
+    add one with :func:`tangentscope.derivatives.register_rule`). During each
     ``loss.backward()`` it adds ``Σ_i c_i²`` of every parameter to a running sum; a parameter
     used once per forward (the common case) never has its per-example gradients materialized;
     a tied or reused parameter (several uses per forward) gets them summed over its uses per
@@ -159,7 +205,9 @@ class PerExampleStats(StatsSource):
         model: the module whose trainable parameters the optimizer steps.
         validate: on the first backward, check that the hooked contributions add up to
             ``p.grad`` for every parameter (catches weights used outside their module, e.g. a
-            tied head via ``F.linear``), raising :class:`UnsupportedModelError` if not.
+            tied head via ``F.linear``), raising :class:`UnsupportedModelError` if not. The
+            tolerance follows the compute dtype (autocast included), with a rounding floor
+            for gradients that vanish analytically.
         pair_limit: sequence inputs with ``L(L+1)/2 ≤ pair_limit`` use the one-matmul pair
             expansion instead of materializing per-example weight gradients.
         chunk_bytes: working-memory cap for materialized per-example gradients of one layer;
@@ -172,6 +220,9 @@ class PerExampleStats(StatsSource):
             model's batch size (first tensor argument of ``model``) are detected
             automatically; list a module here when its input could coincide with the batch
             size (a position-id vector of length ``L = b``).
+        distributed: reduce the sums across ranks at :meth:`collect` (None: when
+            ``torch.distributed`` is initialized with more than one rank).
+        process_group: the group to reduce over (default: the world).
 
     Raises:
         UnsupportedModelError: a trainable parameter outside the supported layers (the message
@@ -179,53 +230,59 @@ class PerExampleStats(StatsSource):
     """
 
     def __init__(self, model: nn.Module, *, validate: bool = True, pair_limit: int = 3,
-                 chunk_bytes: int = 2 ** 20, broadcast: Iterable[str] = ()):
+                 chunk_bytes: int = 2 ** 20, broadcast: Iterable[str] = (),
+                 distributed: bool | None = None, process_group: Any = None):
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"PerExampleStats needs an nn.Module, got {type(model).__name__}")
         self._batch: int | None = None
         self._broadcast = set(broadcast)
         unknown = self._broadcast - {n for n, _ in model.named_modules()}
         if unknown:
             raise ConfigError(f"broadcast names {sorted(unknown)} are not modules of the model; "
                               "use names from model.named_modules()")
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"PerExampleStats needs an nn.Module, got {type(model).__name__}")
-        self._state: dict[int, _ParamState] = {}
+        self._state: dict[int, ParamState] = {}
         self._validate_left = 1 if validate else 0
+        self._pair_limit, self._chunk_bytes = pair_limit, chunk_bytes
+        self._distributed, self._group = distributed, process_group
         covered: dict[int, Tensor] = {}
-        hooked: list[tuple[nn.Module, _Layer, list[tuple[str, Tensor]]]] = []
+        hooked: list[tuple[nn.Module, LayerRule, list[tuple[str, Tensor]]]] = []
         for mname, m in model.named_modules(remove_duplicate=False):
-            layer = _layer_for(m, pair_limit, chunk_bytes)
-            if layer is None:
+            rule = rule_for_module(m)
+            if rule is None:
                 continue
-            own = [(a, getattr(m, a)) for a in layer.attrs
-                   if isinstance(getattr(m, a, None), nn.Parameter) and getattr(m, a).requires_grad]
+            own: list[tuple[str, Tensor]] = list(rule.module_params(m))
             if not own:
                 continue
-            if not isinstance(layer, _BatchNormEval):
-                layer.check(m, mname or "model")
+            why = rule.module_reason(m)
+            if why is not None:
+                raise UnsupportedModelError(
+                    f"{mname or 'model'}: {why}. Use VmapStats(model, loss_fn), "
+                    "MicrobatchStats or the streaming gate for this model.")
             for a, p in own:
                 covered[id(p)] = p
                 self._names.setdefault(id(p), f"{mname}.{a}" if mname else a)
             if all(m is not h[0] for h in hooked):
-                hooked.append((m, layer, own))
+                hooked.append((m, rule, own))
         missing = [n for n, p in model.named_parameters()
                    if p.requires_grad and id(p) not in covered]
         if missing:
+            kinds = ", ".join(t.__name__ for t in supported_modules())
             raise UnsupportedModelError(
                 f"PerExampleStats has no closed form for trainable parameters {missing[:5]}"
-                f"{' …' if len(missing) > 5 else ''} (outside Linear/Conv1d/Conv2d/Embedding/"
-                "LayerNorm/RMSNorm/BatchNorm layers). Fixes: freeze them (requires_grad=False), "
-                "use VmapStats(model, loss_fn) (any model, slower), MicrobatchStats, or the "
-                "streaming gate (stats='streaming').")
+                f"{' …' if len(missing) > 5 else ''} (outside {kinds} layers). Fixes: freeze "
+                "them (requires_grad=False), register a rule for their layer "
+                "(tangentscope.derivatives.register_rule), use VmapStats(model, loss_fn) (any "
+                "model, slower), MicrobatchStats, or the streaming gate (stats='streaming').")
         names = {id(m): n for n, m in model.named_modules()}
         self._handles.append(model.register_forward_pre_hook(self._make_model_hook(model),
                                                              with_kwargs=True))
-        for m, layer, own in hooked:
-            hook = self._make_forward_hook(layer, own, names[id(m)] in self._broadcast, m)
+        for m, rule, own in hooked:
+            hook = self._make_forward_hook(rule, own, names[id(m)] in self._broadcast, m)
             self._handles.append(m.register_forward_hook(hook))
         for p in covered.values():
             self.params.append(p)
-            self._state[id(p)] = _ParamState(self._names[id(p)])
+            self._state[id(p)] = ParamState(self._names[id(p)])
             self._handles.append(p.register_post_accumulate_grad_hook(self._on_accumulated))
 
     # -- hooks ----------------------------------------------------------------------------------
@@ -242,7 +299,7 @@ class PerExampleStats(StatsSource):
 
         return hook
 
-    def _make_forward_hook(self, layer: _Layer, own: list[tuple[str, Tensor]], always: bool,
+    def _make_forward_hook(self, rule: LayerRule, own: list[tuple[str, Tensor]], always: bool,
                            module: nn.Module) -> Callable[..., Tensor | None]:
         name = next(iter(self._names[id(p)] for _, p in own)).rsplit(".", 1)[0]
 
@@ -250,8 +307,13 @@ class PerExampleStats(StatsSource):
             if mod is not module or not torch.is_grad_enabled() or \
                     not isinstance(output, Tensor) or not output.requires_grad:
                 return None
-            layer.check(mod, name)
             x, new_out = args[0], None
+            why = rule.reason(rule.module_call(mod, x), None)
+            if why is not None:
+                raise UnsupportedModelError(
+                    f"{name}: {why}, so per-example gradients are not defined. Call "
+                    "model.eval() for batch-statistics layers (or replace them with "
+                    "LayerNorm/GroupNorm), or use MicrobatchStats / the streaming gate.")
             b = self._batch
             if b is not None and (always or x.dim() == 0 or x.shape[0] != b):
                 if x.dim() > 0 and x.shape[0] == 1 and not always:
@@ -270,78 +332,50 @@ class PerExampleStats(StatsSource):
             uses = [(a, p) for a, p in own if p.requires_grad]
             for _, p in uses:
                 self._state[id(p)].uses += 1
-            output.register_hook(lambda d: self._on_output_grad(layer, mod, x, uses, d))
+            output.register_hook(lambda d: contributions(
+                rule, mod, x, d, uses, self._state, graph_task(), self._validate_left > 0,
+                self._pair_limit, self._chunk_bytes))
             return new_out
 
         return hook
 
-    def _on_output_grad(self, layer: _Layer, module: nn.Module, x: Tensor,
-                        uses: list[tuple[str, Tensor]], d: Tensor) -> None:
-        acc = _acc_dtype(uses[0][1])
-        a, dd = layer.prepare(module, x.to(acc) if x.is_floating_point() else x, d.to(acc))
-        b = d.shape[0]
-        task = _graph_task()
-        for attr, p in uses:
-            st = self._state[id(p)]
-            if st.task != task:               # left over from a backward that never reached
-                st.drop_pending()             # .grad (torch.autograd.grad): not ours
-                st.task = task
-            if st.pending_b and st.pending_b != b:
-                raise ShapeError(f"{st.name} is used with batch sizes {st.pending_b} and {b} in "
-                                 "one backward; per-example statistics need one batch dimension")
-            st.pending_b = b
-            if st.uses > 1 or st.buf is not None:
-                g = layer.per_example(module, attr, a, dd)
-                st.buf = g if st.buf is None else st.buf.add_(g)
-            else:
-                st.pending_sq = layer.sq(module, attr, a, dd)
-                if self._validate_left:
-                    st.pending_sum = layer.total(module, attr, a, dd)
-
     def _on_accumulated(self, p: Tensor) -> None:
         st = self._state[id(p)]
-        if st.task != _graph_task():
+        if st.task != graph_task():
             st.drop_pending()
         if st.pending_sq is None and st.buf is None:
             raise UnsupportedModelError(
                 f"{st.name} received a gradient that no hooked layer produced (the weight is used "
                 "outside its module, e.g. a tied output head through F.linear). Use the module "
                 "itself, VmapStats(model, loss_fn), or the streaming gate.")
+        total: Tensor | None
         if st.buf is not None:
             sq, total = st.buf.square().sum(0), st.buf.sum(0)
         else:
+            assert st.pending_sq is not None
             sq, total = st.pending_sq, st.pending_sum
         if self._validate_left and total is not None:
-            self._check_total(p, st, total)
+            check_total(p, st, total)
         st.sq = sq if st.sq is None else st.sq.add_(sq)
         st.count += st.pending_b
-        st.grad = p.grad.detach().to(sq.dtype, copy=True)
+        assert p.grad is not None
+        st.snapshot(p.grad, sq.dtype)
         st.uses = 0
         st.drop_pending()
 
-    def _check_total(self, p: Tensor, st: _ParamState, total: Tensor) -> None:
-        before = st.grad if st.grad is not None else torch.zeros_like(total)
-        delta = p.grad.detach().to(total.dtype) - before
-        scale = delta.abs().max().clamp(min=torch.finfo(total.dtype).tiny)
-        tol = 3e-2 if p.dtype in (torch.float16, torch.bfloat16) else (
-            1e-3 if total.dtype == torch.float32 else 1e-8)
-        err = float((total - delta).abs().max() / scale)
-        if err > tol:
-            raise UnsupportedModelError(
-                f"{st.name}: the hooked per-example contributions do not add up to p.grad "
-                f"(relative error {err:.2e}): the weight also receives gradient from outside its "
-                "module (e.g. a tied head via F.linear, or a forward run twice with different "
-                "graphs). Use VmapStats(model, loss_fn) or the streaming gate for this model.")
-
     # -- StatsSource ----------------------------------------------------------------------------
     def collect(self) -> dict[int, GradMoments]:
+        """The sums since the last :meth:`reset` (reduced across ranks under DDP)."""
         self._validate_left = max(0, self._validate_left - 1)   # validated the first step
-        return {id(p): GradMoments(st.grad, st.sq, st.count, "per-example")
-                for p in self.params if (st := self._state[id(p)]).count > 0}
+        local = {id(p): (st.grad, st.sq, st.count) for p in self.params
+                 if (st := self._state[id(p)]).count > 0 and st.grad is not None
+                 and st.sq is not None}
+        R = _world(self._distributed, self._group, "PerExampleStats")
+        return _reduce_moments(self.params, local, R, self._group, "per-example")
 
     def reset(self) -> None:
         for st in self._state.values():
-            st.sq, st.grad, st.count = None, None, 0
+            st.reset()
 
 
 # =================================================================================================
@@ -400,8 +434,8 @@ def per_example_moments(model: nn.Module, loss_fn: Callable[..., Tensor], inputs
 
     f = vmap(grad_and_value(loss_one), in_dims=(None, 0, None if targets is None else 0),
              randomness="different")
-    s1 = {n: torch.zeros_like(p, dtype=_acc_dtype(p)) for n, p in params.items()}
-    s2 = {n: torch.zeros_like(p, dtype=_acc_dtype(p)) for n, p in params.items()}
+    s1 = {n: torch.zeros_like(p, dtype=acc_dtype(p)) for n, p in params.items()}
+    s2 = {n: torch.zeros_like(p, dtype=acc_dtype(p)) for n, p in params.items()}
     losses = []
     step = b if chunk_size is None else max(1, chunk_size)
     for s in range(0, b, step):
@@ -421,15 +455,21 @@ class VmapStats(StatsSource):
     ``loss = stats.backward(x, y)`` accumulates ``p.grad`` exactly like
     ``loss_fn(model(x), y)`` averaged over the batch followed by ``backward()`` would, and
     records the per-example sums for the optimizer's next step (call it several times to
-    accumulate microbatches of examples).
+    accumulate microbatches of examples). A call that finds every gradient cleared
+    (``zero_grad()`` without an optimizer step in between) starts new sums. Under
+    ``torch.distributed`` (``distributed=None`` → auto with more than one rank) ``p.grad`` and
+    the sums are averaged across ranks as DDP's backward would (``backward()`` does not go
+    through DDP's hooks).
 
     Args:
-        model: the module; loss_fn: ``loss_fn(output, target) -> scalar`` per example (see
-            :func:`per_example_moments`); chunk_size: examples per ``vmap`` call.
+        model: the module (not the DDP wrapper); loss_fn: ``loss_fn(output, target) ->
+            scalar`` per example (see :func:`per_example_moments`); chunk_size: examples per
+            ``vmap`` call; distributed, process_group: as :class:`MicrobatchStats`.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor], *,
-                 chunk_size: int | None = 64):
+                 chunk_size: int | None = 64, distributed: bool | None = None,
+                 process_group: Any = None):
         super().__init__()
         self.model, self.loss_fn, self.chunk_size = model, loss_fn, chunk_size
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -437,11 +477,21 @@ class VmapStats(StatsSource):
         self._names = {id(p): n for n, p in named}
         self._by_name = dict(named)
         self._moments: dict[str, GradMoments] = {}
+        self._distributed, self._group = distributed, process_group
 
     def backward(self, inputs: Tensor, targets: Tensor | None = None) -> Tensor:
         """Accumulate ``p.grad`` of the batch-mean loss and record statistics; return it."""
+        if self._moments and all(p.grad is None or not bool(p.grad.any()) for p in self.params):
+            self._moments = {}                                # cleared: a skipped step
         mom, losses = per_example_moments(self.model, self.loss_fn, inputs, targets,
                                           chunk_size=self.chunk_size)
+        R = _world(self._distributed, self._group, "VmapStats")
+        if R > 1:
+            order = [p for p in self.params if self._names[id(p)] in mom]
+            local = {id(p): (mom[n].grad_sum, mom[n].grad_sq_sum, mom[n].count)
+                     for p in order if (n := self._names[id(p)]) in mom}
+            red = _reduce_moments(order, local, R, self._group, "per-example")
+            mom = {self._names[k]: m for k, m in red.items()}
         for n, m in mom.items():
             p = self._by_name[n]
             g = m.grad_sum.to(p.dtype)
@@ -469,7 +519,8 @@ class MicrobatchStats(StatsSource):
     previous one is that microbatch's contribution ``c_j``. With ``M`` microbatches per
     optimizer step (``gradient_accumulation_steps = M``; each microbatch's loss divided by
     ``M`` or not — any common scale) the gate holds each microbatch out against the other
-    ``M − 1``. Nothing else in the training loop changes.
+    ``M − 1``. Nothing else in the training loop changes. A backward that starts on cleared
+    gradients (``zero_grad()`` after a skipped step) starts new sums.
 
     Under ``torch.distributed`` (``distributed=None`` → auto when initialized with more than
     one rank) each rank's local microbatches are contributions too: the sums are all-reduced at
@@ -488,6 +539,7 @@ class MicrobatchStats(StatsSource):
     def __init__(self, params: nn.Module | Iterable[Tensor], *, distributed: bool | None = None,
                  process_group: Any = None):
         super().__init__()
+        named: list[tuple[str, Tensor]]
         if isinstance(params, nn.Module):
             named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
         else:
@@ -496,19 +548,33 @@ class MicrobatchStats(StatsSource):
             raise ConfigError("MicrobatchStats got no parameters that require grad")
         self.params = [p for _, p in named]
         self._names = {id(p): n for n, p in named}
+        self._state = {id(p): ParamState(n) for n, p in named}
         self._prev: dict[int, Tensor] = {}
         self._sq: dict[int, Tensor] = {}
         self._count: dict[int, int] = {}
         self._distributed, self._group = distributed, process_group
         for p in self.params:
+            self._handles.append(p.register_hook(self._make_pre_hook(p)))
             self._handles.append(p.register_post_accumulate_grad_hook(self._on_accumulated))
 
+    def _make_pre_hook(self, p: Tensor) -> Callable[[Tensor], None]:
+        def hook(_: Tensor) -> None:  # before this backward's gradient is accumulated
+            k = id(p)
+            st = self._state[k]
+            st.count = self._count.get(k, 0)
+            if st.cleared(p.grad):
+                self._prev.pop(k, None)
+                self._sq.pop(k, None)
+                self._count.pop(k, None)
+        return hook
+
     def _on_accumulated(self, p: Tensor) -> None:
+        assert p.grad is not None
         g = p.grad.detach()
         k = id(p)
         prev = self._prev.get(k)
         if prev is None:
-            c = g.to(_acc_dtype(p), copy=True)
+            c = g.to(acc_dtype(p), copy=True)
             self._prev[k] = c.clone()
             self._sq[k] = c.square_()
             self._count[k] = 1
@@ -517,36 +583,13 @@ class MicrobatchStats(StatsSource):
             self._sq[k].addcmul_(c, c)
             prev.copy_(g)
             self._count[k] += 1
-
-    def _world(self) -> int:
-        if self._distributed is False:
-            return 1
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            if self._distributed:
-                raise ConfigError("MicrobatchStats(distributed=True) but torch.distributed is not "
-                                  "initialized")
-            return 1
-        return dist.get_world_size(self._group)
+        st = self._state[k]
+        st.grad_ref, st.grad_version = weakref.ref(p.grad), p.grad._version
 
     def collect(self) -> dict[int, GradMoments]:
-        R = self._world()
-        out: dict[int, GradMoments] = {}
-        for p in self.params:
-            k = id(p)
-            if k not in self._count:
-                continue
-            s1, s2, m = self._prev[k], self._sq[k], self._count[k]
-            if R > 1:
-                import torch.distributed as dist
-
-                s1, s2 = s1.clone(), s2.clone()
-                dist.all_reduce(s1, group=self._group)
-                dist.all_reduce(s2, group=self._group)
-                s1, s2, m = s1 / R, s2 / (R * R), m * R
-            out[k] = GradMoments(s1, s2, m, "microbatch")
-        return out
+        R = _world(self._distributed, self._group, "MicrobatchStats")
+        local = {k: (self._prev[k], self._sq[k], self._count[k]) for k in self._count}
+        return _reduce_moments(self.params, local, R, self._group, "microbatch")
 
     def reset(self) -> None:
         self._prev.clear()

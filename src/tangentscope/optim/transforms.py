@@ -1,6 +1,7 @@
-"""The population-risk gate as small pure functions (the functional core of :mod:`.adamw`).
+"""The population-risk gate as small functions: the functional core of :mod:`.adamw`, whose
+reference (single-tensor) step is the chain :func:`gated_adamw_step_` of these transforms.
 
-Notation (SPEC.md, docs/gate.md). One parameter coordinate ``k``; a gradient *estimate*
+Notation (docs/notation.md, docs/gate.md). One parameter coordinate ``k``; a gradient *estimate*
 ``ĝ = Σ_i c_i`` built from ``b`` i.i.d. contributions ``c_i`` (per-example or per-microbatch
 gradients of the loss that was back-propagated, so ``ĝ`` is ``p.grad``):
 
@@ -45,8 +46,9 @@ from ..errors import ConfigError
 
 __all__ = [
     "GateMode", "Placement", "PLACEMENTS", "noise_variance", "loo_decrease", "snr_gate",
-    "gate_from_sums", "deviation_inflation", "streaming_noise_", "adam_moments_",
-    "adam_direction", "adam_self_influence", "gated_adamw_delta", "check_gate_args",
+    "gate_from_sums", "deviation_inflation", "streaming_noise_", "decay_weights_",
+    "adam_moments_", "adam_denominator", "adam_apply_", "adam_direction", "adam_self_influence",
+    "gated_adamw_step_", "gated_adamw_delta", "check_gate_args",
 ]
 
 GateMode = Literal["hard", "soft"]
@@ -80,6 +82,14 @@ def check_gate_args(gate: bool | str, threshold: float, gate_on: str) -> GateMod
 
 
 # -- the statistic --------------------------------------------------------------------------------
+def _check_count(count: int, who: str) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+        raise ConfigError(f"{who} needs at least 2 contributions (an integer count; the "
+                          f"variance of one sample is undefined), got {count!r}; use a batch "
+                          "of >= 2")
+
+
+
 def noise_variance(grad_sum: Tensor, grad_sq_sum: Tensor, count: int) -> Tensor:
     """Unbiased estimate of ``Var[Σ_i c_i]`` from ``b = count`` i.i.d. contributions.
 
@@ -94,8 +104,7 @@ def noise_variance(grad_sum: Tensor, grad_sq_sum: Tensor, count: int) -> Tensor:
     Raises:
         ConfigError: ``count < 2`` (the variance of one sample is undefined).
     """
-    if count < 2:
-        raise ConfigError(f"noise_variance needs at least 2 contributions, got {count}")
+    _check_count(count, "noise_variance")
     return ((count * grad_sq_sum - grad_sum * grad_sum) / (count - 1)).clamp_(min=0)
 
 
@@ -106,8 +115,7 @@ def loo_decrease(grad_sum: Tensor, grad_sq_sum: Tensor, count: int) -> Tensor:
     example ``i``'s loss (per unit step ``η D_k``) from a step along the mean gradient of the
     *other* ``b − 1`` examples, averaged over ``i``. Its expectation is ``(E g)²`` exactly.
     """
-    if count < 2:
-        raise ConfigError(f"loo_decrease needs at least 2 contributions, got {count}")
+    _check_count(count, "loo_decrease")
     return count * (grad_sum * grad_sum - grad_sq_sum) / (count - 1)
 
 
@@ -153,8 +161,9 @@ def deviation_inflation(beta: float, n: int) -> float:
     ``ν (1−β)(1+βⁿ)/((1+β)(1−βⁿ))``; the deviation adds ``ν``. (A drifting mean adds its lag²
     on top: the streaming gate is then stricter than the exact one.)
     """
-    if n < 1:
-        raise ConfigError(f"deviation_inflation needs n >= 1 gradients in the mean, got {n}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"deviation_inflation needs an integer n >= 1 gradients in the mean, "
+                          f"got {n!r}; call it once the mean holds a gradient")
     if beta == 0.0:
         return 2.0
     bn = beta ** n
@@ -181,6 +190,14 @@ def streaming_noise_(dev_sq: Tensor, grad: Tensor, mean: Tensor, mean_scale: flo
 
 
 # -- Adam, written out ----------------------------------------------------------------------------
+# The in-place transforms below, chained by :func:`gated_adamw_step_`, are the reference step of
+# ``GatedAdamW`` (its single-tensor kernel runs exactly this chain); with the gate off they are
+# ``torch.optim.AdamW``'s single-tensor step op for op, hence bit for bit.
+def decay_weights_(param: Tensor, lr: float, weight_decay: float) -> Tensor:
+    """Decoupled weight decay in place: ``w ← w (1 − lr·λ)`` (never gated)."""
+    return param.mul_(1 - lr * weight_decay)
+
+
 def adam_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: float, beta2: float,
                   increment: Tensor | None = None) -> None:
     """``m ← m + γ(1−β1)(g − m)``, ``v ← v + γ(1−β2)(g² − v)`` in place (``γ = 1`` if None).
@@ -191,8 +208,59 @@ def adam_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: floa
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     else:
-        exp_avg.add_(increment * (1 - beta1) * (grad - exp_avg))
-        exp_avg_sq.add_(increment * (1 - beta2) * (grad * grad - exp_avg_sq))
+        exp_avg.lerp_(grad, increment * (1 - beta1))
+        exp_avg_sq.lerp_(grad * grad, increment * (1 - beta2))
+
+
+def adam_denominator(exp_avg_sq: Tensor, step: int, beta2: float, eps: float,
+                     out: Tensor | None = None) -> Tensor:
+    """``√v / √(1−β2ᵗ) + ε`` (= ``√v̂ + ε``), in ``out`` if given (a work buffer)."""
+    denom = torch.sqrt(exp_avg_sq) if out is None else torch.sqrt(exp_avg_sq, out=out)
+    return denom.div_((1 - beta2 ** step) ** 0.5).add_(eps)
+
+
+def adam_apply_(param: Tensor, exp_avg: Tensor, denom: Tensor, step: int, lr: float,
+                beta1: float, gate: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """``w ← w − lr·γ·m̂/(√v̂+ε)`` in place (``m̂ = m/(1−β1ᵗ)``; ``γ = 1`` if None; ``out``: a
+    work buffer for ``γ·m``)."""
+    num = exp_avg if gate is None else torch.mul(exp_avg, gate, **({} if out is None
+                                                                  else {"out": out}))
+    return param.addcdiv_(num, denom, value=-(lr / (1 - beta1 ** step)))
+
+
+def gated_adamw_step_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float,
+                      beta1: float, beta2: float, eps: float, weight_decay: float,
+                      gate: Tensor | None, gate_on: Placement,
+                      work: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """The reference gated-AdamW step for one tensor, in place: the chain
+    ``add_decayed_weights → (gate) → scale_by_adam → (gate) → scale_by_lr``.
+
+    The gate sits at ``gate_on``:
+
+    * ``update``: moments take the raw ``g``; the Adam direction is multiplied by the gate;
+    * ``grad``: the gradient entering the moments is ``γ ⊙ g`` (gated coordinates receive a
+      zero gradient: their moments decay and momentum keeps moving them);
+    * ``moments``: the moment increments *and* the direction are multiplied by ``γ`` (a hard
+      gate skips coordinate ``k`` entirely this step: moments frozen, no move).
+
+    Decoupled weight decay is never gated. ``state`` holds ``exp_avg``, ``exp_avg_sq`` and the
+    already-incremented ``step``; ``param`` and the moments are updated in place. ``work``:
+    two parameter-shaped buffers (the denominator and ``γ·m``), else new tensors. With
+    ``gate=None`` this is ``torch.optim.AdamW``'s single-tensor step, op for op.
+
+    Returns:
+        ``param``.
+    """
+    step = int(state["step"])
+    decay_weights_(param, lr, weight_decay)
+    g = grad if gate is None or gate_on != "grad" else grad * gate
+    adam_moments_(state["exp_avg"], state["exp_avg_sq"], g, beta1, beta2,
+                  increment=gate if (gate is not None and gate_on == "moments") else None)
+    denom = adam_denominator(state["exp_avg_sq"], step, beta2, eps,
+                             out=None if work is None else work[0])
+    direction_gate = gate if gate is not None and gate_on in ("update", "moments") else None
+    return adam_apply_(param, state["exp_avg"], denom, step, lr, beta1, gate=direction_gate,
+                       out=None if work is None else work[1])
 
 
 def adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: float, beta2: float,
@@ -233,25 +301,9 @@ def adam_self_influence(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, step:
 def gated_adamw_delta(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float,
                       beta1: float, beta2: float, eps: float, weight_decay: float,
                       gate: Tensor | None, gate_on: Placement) -> Tensor:
-    """The reference gated-AdamW step for one tensor, as a chain of the transforms above.
-
-    ``scale_by_adam → gate → add_decayed_weights → scale_by_lr`` where the gate sits at
-    ``gate_on``:
-
-    * ``update``: moments take the raw ``g``; the Adam direction is multiplied by the gate;
-    * ``grad``: the gradient entering the moments is ``γ ⊙ g`` (gated coordinates receive a
-      zero gradient: their moments decay and momentum keeps moving them);
-    * ``moments``: the moment increments *and* the direction are multiplied by ``γ`` (a hard
-      gate skips coordinate ``k`` entirely this step: moments frozen, no move).
-
-    Decoupled weight decay is never gated. ``state`` holds ``exp_avg``, ``exp_avg_sq`` and the
-    already-incremented ``step`` (updated in place). Returns ``Δw`` (not applied).
-    """
-    step = int(state["step"])
-    g = grad if gate is None or gate_on != "grad" else grad * gate
-    adam_moments_(state["exp_avg"], state["exp_avg_sq"], g, beta1, beta2,
-                  increment=gate if (gate is not None and gate_on == "moments") else None)
-    u = adam_direction(state["exp_avg"], state["exp_avg_sq"], step, beta1, beta2, eps)
-    if gate is not None and gate_on in ("update", "moments"):
-        u = u * gate
-    return -lr * (u + weight_decay * param)
+    """``Δw`` of :func:`gated_adamw_step_` without applying it (``param`` is left unchanged;
+    the moments in ``state`` are updated in place, ``state['step']`` already incremented)."""
+    new = gated_adamw_step_(param.detach().clone(), grad, state, lr=lr, beta1=beta1,
+                            beta2=beta2, eps=eps, weight_decay=weight_decay, gate=gate,
+                            gate_on=gate_on)
+    return new - param.detach()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..errors import TangentscopeError
 
-_STYLE = {
+_STYLE: dict[str, Any] = {
     "figure.dpi": 110,
     "savefig.dpi": 130,
     "savefig.bbox": "tight",
@@ -36,7 +36,7 @@ def pyplot() -> Any:
         matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update(_STYLE)
+    plt.rcParams.update(cast(Any, _STYLE))
     return plt
 
 

@@ -59,11 +59,11 @@ def benign_figures(rd: RunDir) -> list[Path]:
         for ax, t in zip(axes[0], tasks):
             rows = [r for r in table if r["task"] == t]
             labels = [f"h={r['width']}" for r in rows]
-            keys = [("test_error", "trained on noisy labels"),
+            bars = [("test_error", "trained on noisy labels"),
                     ("test_error_clean_trained", "same init, clean labels"),
                     ("probe_test_error_without_noise", "noisy, minus −G_Q g_noise (probe)")]
             xs = np.arange(len(rows))
-            for j, (k, lab) in enumerate(keys):
+            for j, (k, lab) in enumerate(bars):
                 med = [r[k]["median"] if k in r else np.nan for r in rows]
                 lo = [r[k]["median"] - r[k]["min"] if k in r else 0 for r in rows]
                 hi = [r[k]["max"] - r[k]["median"] if k in r else 0 for r in rows]

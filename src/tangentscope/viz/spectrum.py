@@ -53,7 +53,7 @@ def plot_residual_energy(eigenvalues: np.ndarray, energy: np.ndarray, *, axes: A
     """The essay's demo panel: eigenvalues (top) and residual energy ``⟨v_i, r⟩²`` (bottom) per
     eigenvector, largest eigenvalue first. Returns the two axes."""
     if axes is None:
-        fig, axes = pyplot().subplots(2, 1, figsize=(5.0, 4.2), sharex=True)
+        _, axes = pyplot().subplots(2, 1, figsize=(5.0, 4.2), sharex=True)
     i = np.arange(len(eigenvalues))
     axes[0].bar(i, _positive(eigenvalues), color="#3b6ea8", width=0.85)
     axes[0].set(yscale="log", ylabel="λ_i", title=title or "eigenvalues and residual energy")

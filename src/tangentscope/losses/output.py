@@ -3,10 +3,11 @@
 Shapes follow the kernel's: outputs ``u`` are ``(n, p)``; ``g`` is ``(n, p)``; ``B`` is block
 diagonal and returned as its blocks ``(n, p, p)`` (use :func:`dense_hessian` for the stacked
 ``(n p, n p)`` matrix, row ``i*p + a``). ``Φ`` averages over the ``n`` examples
-(``reduction="mean"``, SPEC.md's convention) or sums them (``reduction="sum"``).
+(``reduction="mean"``, the convention of ``docs/notation.md``) or sums them
+(``reduction="sum"``).
 
 - :class:`SquaredLoss`: ``Φ = ‖u − y‖² / (2n)``, ``g = (u − y)/n``, ``B = I/n``.
-- :class:`CrossEntropyLoss`: ``Φ = −(1/n) Σ_i log softmax(u_i)[y_i]``,
+- :class:`SoftmaxCrossEntropy`: ``Φ = −(1/n) Σ_i log softmax(u_i)[y_i]``,
   ``g_i = (softmax(u_i) − e_{y_i})/n``, ``B_i = (diag(π_i) − π_i π_iᵀ)/n``.
 - :class:`PerExampleLoss`: any ``ℓ(u_i, y_i)`` convex in ``u_i``; ``g``, ``B`` by autograd.
 """
@@ -22,7 +23,7 @@ from torch.func import grad, hessian, vmap
 
 from ..errors import ShapeError
 
-__all__ = ["OutputLoss", "SquaredLoss", "CrossEntropyLoss", "PerExampleLoss", "get_loss",
+__all__ = ["OutputLoss", "SquaredLoss", "SoftmaxCrossEntropy", "PerExampleLoss", "get_loss",
            "dense_hessian", "hessian_matvec"]
 
 Reduction = Literal["mean", "sum"]
@@ -88,8 +89,10 @@ class SquaredLoss:
         return f"SquaredLoss(reduction={self.reduction!r})"
 
 
-class CrossEntropyLoss:
-    """Softmax cross-entropy; targets are class indices ``(n,)`` or probabilities ``(n, p)``."""
+class SoftmaxCrossEntropy:
+    """Softmax cross-entropy in output space; targets are class indices ``(n,)`` or
+    probabilities ``(n, p)``. (Named apart from torch's cross-entropy module: this object
+    gives ``Φ``, ``g`` and ``B`` of stacked outputs, not a module.)"""
 
     name = "cross_entropy"
 
@@ -130,7 +133,7 @@ class CrossEntropyLoss:
         return blocks * w * _scale(u.shape[0], self.reduction)
 
     def __repr__(self) -> str:
-        return f"CrossEntropyLoss(reduction={self.reduction!r})"
+        return f"SoftmaxCrossEntropy(reduction={self.reduction!r})"
 
 
 class PerExampleLoss:
@@ -176,20 +179,20 @@ class PerExampleLoss:
 
 def get_loss(loss: str | OutputLoss, reduction: Reduction = "mean") -> OutputLoss:
     """``'squared'``/``'mse'`` → :class:`SquaredLoss`; ``'cross_entropy'``/``'ce'`` →
-    :class:`CrossEntropyLoss`; an OutputLoss is returned unchanged."""
+    :class:`SoftmaxCrossEntropy`; an OutputLoss is returned unchanged."""
     if not isinstance(loss, str):
         return loss
     key = loss.lower().replace("-", "_")
     if key in ("squared", "mse", "square", "l2"):
         return SquaredLoss(reduction)
     if key in ("cross_entropy", "ce", "xent", "softmax"):
-        return CrossEntropyLoss(reduction)
+        return SoftmaxCrossEntropy(reduction)
     raise ShapeError(f"unknown loss {loss!r}: use 'squared', 'cross_entropy' or a PerExampleLoss")
 
 
 def dense_hessian(blocks: Tensor) -> Tensor:
     """Block-diagonal ``(n, p, p)`` → stacked ``(n p, n p)`` (row ``i*p + a``)."""
-    n, p, _ = blocks.shape
+    p = blocks.shape[1]
     return torch.diag(blocks[:, 0, 0]) if p == 1 else torch.block_diag(*blocks)
 
 

@@ -1,0 +1,126 @@
+"""The analytic jump in parameter space against closed forms (float64, explicit tolerances)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import tangentscope as ts
+from tangentscope.dynamics.jump import JumpSchedule, apply_jump, parameter_jump
+from tangentscope.errors import ConfigError
+
+
+def _linear(d: int = 6, p: int = 1, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Linear(d, p, bias=False).double()
+
+
+def _data(n: int = 10, d: int = 6, p: int = 1, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64),
+            torch.randn(n, p, generator=g, dtype=torch.float64))
+
+
+def test_linear_model_infinite_jump_is_the_min_norm_least_squares_step():
+    # n > d: over-determined, K = X Xᵀ of rank d; the jump with k = d modes lands on lstsq
+    model = _linear()
+    x, y = _data(n=10)
+    w0 = model.weight.detach().clone()
+    jump = parameter_jump(model, x, y, k=6)
+    apply_jump(model, jump)
+    w_ls = torch.linalg.lstsq(x, y).solution.T
+    assert torch.allclose(model.weight, w_ls, atol=1e-10, rtol=0)
+    # linear in the parameters: the network lands exactly on the linearized prediction
+    assert torch.allclose(model(x), jump.predicted_outputs, atol=1e-10, rtol=0)
+    assert jump.loss_before > jump.predicted_loss
+    assert not torch.equal(w0, model.weight)
+
+
+@pytest.mark.parametrize("t", [0.3, 4.0, 50.0])
+def test_linear_model_finite_time_matches_the_frozen_kernel_flow(t):
+    model = _linear(d=8)
+    x, y = _data(n=5, d=8)        # under-determined: full-rank K, N = 5 modes
+    u0 = model(x).detach()
+    K = ts.entk(model, x)
+    flow = ts.squared_loss_flow(K, u0, y, t=[t])
+    jump = parameter_jump(model, x, y, k=5, t=t)
+    assert torch.allclose(jump.predicted_outputs, flow.u[0], atol=1e-10, rtol=0)
+    apply_jump(model, jump)
+    assert torch.allclose(model(x), flow.u[0], atol=1e-10, rtol=0)
+
+
+def _gauss_newton_flow(K: torch.Tensor, B: torch.Tensor, g0: torch.Tensor, t: float):
+    """``z(t) = ∫₀ᵗ exp(−BKσ) g₀ dσ`` densely, from the exponential of the augmented system."""
+    N = K.shape[0]
+    A = torch.zeros(N + 1, N + 1, dtype=K.dtype)
+    A[:N, :N] = -B @ K
+    A[:N, N] = g0
+    return torch.linalg.matrix_exp(A * t)[:N, N]
+
+
+@pytest.mark.parametrize("t", [0.5, 3.0, math.inf])
+def test_cross_entropy_jump_is_the_gauss_newton_flow(t):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    lossf = ts.losses.get_loss("cross_entropy")
+    u0 = model(x).detach()
+    K = ts.flatten_kernel(ts.entk(model, x))
+    B = ts.losses.dense_hessian(lossf.hessian(u0, labels))
+    g0 = lossf.grad(u0, labels).reshape(-1)
+    N = K.shape[0]
+    jump = parameter_jump(model, x, labels, loss="cross_entropy", k=N, t=t)
+    # t = ∞: the dense flow at a time where every non-zero mode (smallest λ here ≈ 0.035) has
+    # equilibrated to rounding (e^{−35}); the null modes move no output at any time
+    expect = u0.reshape(-1) - K @ _gauss_newton_flow(K, B, g0, 1e3 if math.isinf(t) else t)
+    assert torch.allclose(jump.predicted_outputs.reshape(-1), expect, atol=1e-9, rtol=0)
+
+
+def test_truncation_and_damping():
+    model = _linear(d=8)
+    x, y = _data(n=5, d=8)
+    full = parameter_jump(model, x, y, k=5)
+    top2 = parameter_jump(model, x, y, k=2)
+    lm = parameter_jump(model, x, y, k=5, damping=10.0)
+    assert top2.k == 2 and full.k == 5
+    assert full.predicted_loss < 1e-20               # interpolates
+    assert top2.predicted_loss > full.predicted_loss
+    assert lm.norm() < full.norm()                   # damping shortens the step
+    assert torch.all(full.eigenvalues[:-1] >= full.eigenvalues[1:])
+
+
+def test_schedule_jumps_every_m_steps_on_a_real_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    x, y = _data(n=12, d=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = JumpSchedule(model, x, y, every=5, k=6)
+    handle = opt.register_step_post_hook(sched.hook)
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = 0.5 * ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    handle.remove()
+    assert len(sched.jumps) == 2
+    # the first jump's linearized prediction and the real network after it
+    assert sched.jumps[0].predicted_loss < sched.jumps[0].loss_before
+
+
+def test_bad_arguments_name_the_fix():
+    model = _linear()
+    x, y = _data()
+    with pytest.raises(ConfigError, match="k must be"):
+        parameter_jump(model, x, y, k=0)
+    with pytest.raises(ConfigError, match="positive flow time"):
+        parameter_jump(model, x, y, t=-1.0)
+    with pytest.raises(ConfigError, match="damping"):
+        parameter_jump(model, x, y, t=1.0, damping=1.0)
+    with pytest.raises(ConfigError, match="every"):
+        JumpSchedule(model, x, y, every=0)
