@@ -82,8 +82,9 @@ def main(payload: dict) -> dict:
     result["compile_seconds"] = compile_s
     if payload.get("save_kernel"):
         np.save(payload["save_kernel"], np.asarray(compiled(x, None, params)))
-    import neural_tangents  # noqa: F401  (the stub package: version from metadata)
     from importlib.metadata import version
+
+    import neural_tangents  # noqa: F401  (the stub package: version from metadata)
 
     result["versions"] = {"jax": jax.__version__, "neural_tangents": version("neural-tangents")}
     return result

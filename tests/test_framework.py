@@ -258,6 +258,11 @@ def test_resume_refuses_a_different_seed_preset_or_experiment(tmp_path):
     run_experiment("toy", resume=out, preset="full", overrides={"seed": "1"}, quiet=True)
     assert main(["run", "--resume", str(out), "--seed", "2"]) == 2
     assert main(["run", "--resume", str(out), "--seed", "1"]) == 0
+    # an explicit --preset smoke is a contradiction too; no --preset keeps the saved one
+    with pytest.raises(ConfigError, match="preset 'full', not 'smoke'"):
+        run_experiment(None, resume=out, preset="smoke", quiet=True)
+    assert main(["run", "--resume", str(out), "--preset", "smoke"]) == 2
+    assert main(["run", "--resume", str(out)]) == 0
 
 
 def test_resuming_a_finished_run_keeps_its_wall_seconds(tmp_path):

@@ -263,7 +263,7 @@ def test_exact_statistics_need_the_module():
 
 def test_builder_errors_before_building():
     m = _model()
-    for kw, match in [(dict(lr=0.0), "learning rate must be a finite number > 0"),
+    for kw, match in [(dict(lr=0.0), "learning rate must be a finite positive number"),
                       (dict(lr=-1.0), "learning rate"), (dict(lr=float("nan")), "learning rate"),
                       (dict(lr=1e-3, momentum=0.9), "momentum is an argument of sgd")]:
         with pytest.raises(ConfigError, match=match):

@@ -27,6 +27,7 @@ from .app.headless import run_headless
 from .app.run_page import serve_run
 from .errors import ConfigError, TangentscopeError
 from .experiments import (
+    DEFAULT_PRESET,
     compare,
     get_experiment,
     list_experiments,
@@ -205,7 +206,8 @@ def _parser(fields: str | None = None) -> argparse.ArgumentParser:
                                         "`tangentscope list EXP` (or `tangentscope run EXP "
                                         "--help`) shows EXP's fields.")
     r.add_argument("experiment", nargs="?", help="experiment name (omit with --resume)")
-    r.add_argument("--preset", default="smoke", help="smoke (CI-sized, default) or full")
+    r.add_argument("--preset", default=None, help="smoke (CI-sized, default) or full; with "
+                   "--resume, the saved preset unless given")
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--out", default=None, help="run directory (default runs/EXP/TIME-PRESET-seedN)")
     r.add_argument("--resume", default=None, metavar="RUN_DIR",
@@ -294,7 +296,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
             raise ConfigError("run needs an EXPERIMENT (see `tangentscope list`) or --resume "
                               "RUN_DIR")
         _check_out(args.out)
-        run_experiment(args.experiment, preset=args.preset, overrides=overrides, out=args.out,
+        preset = DEFAULT_PRESET if args.preset is None else args.preset
+        run_experiment(args.experiment, preset=preset, overrides=overrides, out=args.out,
                        resume=args.resume, plot=not args.no_plot)
         return 0
     if args.command == "plot":

@@ -2,7 +2,7 @@
 
 With ``W_S = Σ_j λ_j ψ_j ψ_jᵀ`` (descending), the *signal channel* is the span of the modes with
 large ``λ_j`` (training dissipated loss there) and the *reservoir* the rest (the essay's soft
-``ker W_S``). Theorem (SPEC.md): ``ker W_S ⊆ ker G_Q``; quantitatively, by Cauchy–Schwarz,
+``ker W_S``). Theorem (docs/notation.md): ``ker W_S ⊆ ker G_Q``; quantitatively, by Cauchy–Schwarz,
 ``‖G_Q ψ_j‖² ≤ λ_j · ∫‖K_QQ‖₂ dτ`` — a mode's test visibility is at most ``√λ_j`` times a
 constant of the run. Everything here is measured, not assumed:
 
@@ -339,7 +339,7 @@ def channel_timeline(traj: KernelTrajectory, start: int = 0, stop: int | None = 
     fr: dict[str, list[float]] = {k: [] for k in (vectors or {})}
     for i, ops in enumerate(accumulate_operators(traj, start, stop,
                                                  discretization=discretization)):
-        last = stop is None and ops.stop == len(traj) - 1 or ops.stop == stop
+        last = (stop is None and ops.stop == len(traj) - 1) or ops.stop == stop
         if (i + 1) % every and not last:
             continue
         sp = split_channels(ops.W, threshold=threshold, mode=mode, vectors=vectors)

@@ -1,7 +1,7 @@
 """Output-space gradient flow with a frozen kernel.
 
 With the kernel frozen at ``K_SS`` (train) and ``K_QS`` (test × train), training outputs ``u``
-``(n, p)`` and test outputs ``U_Q`` ``(m, p)`` obey (SPEC.md)::
+``(n, p)`` and test outputs ``U_Q`` ``(m, p)`` obey (docs/notation.md)::
 
     u̇ = −K_SS g,    ġ = −B K_SS g,    U̇_Q = −K_QS g,    g = ∇_u Φ(u),  B = ∇²_u Φ(u).
 

@@ -28,7 +28,14 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
-from ..linalg import Eigenpairs, SpectralDensity, lanczos_topk, nystrom_topk, slq_density
+from ..linalg import (
+    Eigenpairs,
+    SpectralDensity,
+    default_block_size,
+    lanczos_topk,
+    nystrom_topk,
+    slq_density,
+)
 from .channels import VectorEnergy
 from .matfree import Discretization, MatrixFreeOperators
 from .matfree_path import KernelPath
@@ -112,8 +119,8 @@ def gramian_topk(ops: MatrixFreeOperators, k: int, *, method: str = "lanczos",
 
     common: dict[str, Any] = {"dtype": ops.path.dtype, "device": ops.path.device, "seed": seed}
     if method == "lanczos":
-        r = lanczos_topk(mv, ops.N, k, tol=tol, block_size=block_size, max_basis=max_basis,
-                         start=start, **common)
+        r = lanczos_topk(mv, ops.N, k, tol=tol, block_size=block_size or default_block_size(k),
+                         max_basis=max_basis, start=start, **common)
     elif method == "nystrom":
         r = nystrom_topk(mv, ops.N, k, oversample=oversample, power_iters=power_iters, **common)
     else:
@@ -128,8 +135,8 @@ def kernel_topk(path: KernelPath, snapshot: int, k: int, *, tol: float = 1e-8,
                 max_basis: int | None = None) -> Eigenpairs:
     """Top-``k`` eigenpairs of ``K_SS(t)`` at a snapshot (block Lanczos on kernel products)."""
     return lanczos_topk(lambda V: path.kernel_matvec(snapshot, V), path.N, k, tol=tol,
-                        block_size=block_size, seed=seed, max_basis=max_basis,
-                        dtype=path.dtype, device=path.device)
+                        block_size=block_size or default_block_size(k), seed=seed,
+                        max_basis=max_basis, dtype=path.dtype, device=path.device)
 
 
 def gramian_density(ops: MatrixFreeOperators, *, probes: int = 8, steps: int = 30,

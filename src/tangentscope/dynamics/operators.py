@@ -1,7 +1,7 @@
 """The propagator ``P_g``, the integrated eNTK ``W_S`` and the test transfer operator ``G_Q``.
 
 On a window ``[s, T]`` of a :class:`~tangentscope.dynamics.trajectory.KernelTrajectory`
-(SPEC.md notation; ``N = n p``, everything in the stacked output space)::
+(docs/notation.md; ``N = n p``, everything in the stacked output space)::
 
     ∂_τ P = −B K_SS P,  P(s, s) = I          g(τ) = P_g(τ, s) g(s)
     W_S(s, T) = ∫_s^T P_gᵀ K_SS P_g dτ       Φ(s) − Φ(T) = g(s)ᵀ W_S g(s)
@@ -21,7 +21,7 @@ contribution ``M`` to ``W`` and ``F`` to ``G`` — so that ``P ← E P``, ``W �
   ``E = Π(I − η_j B K)``, ``W``-increments ``η_j K − (η_j²/2) K B K`` (the exact one-step decrease
   of a quadratic loss). Exact for full-batch gradient *descent* on a linear model under squared
   loss, at any snapshot spacing and any learning-rate schedule.
-- ``"euler"``: SPEC.md's first-order rule with one step of size ``h``: ``E = I − h B K``,
+- ``"euler"``: the first-order rule of docs/notation.md with one step of size ``h``: ``E = I − h B K``,
   ``M = h K``, ``F = h K_QS``. Converges as ``O(h)``.
 
 ``exp``, ``midpoint`` and multi-step ``gd`` use one symmetric eigen-decomposition per interval.

@@ -4,6 +4,7 @@ Run one with ``tangentscope run NAME [--preset smoke|full] [--seed N] [--field v
 """
 
 from ._framework import (
+    DEFAULT_PRESET,
     Experiment,
     compare,
     get_experiment,
@@ -15,5 +16,5 @@ from ._framework import (
     run_experiment,
 )
 
-__all__ = ["Experiment", "compare", "get_experiment", "list_experiments", "make_config",
-           "parse_overrides", "plot_run", "register", "run_experiment"]
+__all__ = ["DEFAULT_PRESET", "Experiment", "compare", "get_experiment", "list_experiments",
+           "make_config", "parse_overrides", "plot_run", "register", "run_experiment"]

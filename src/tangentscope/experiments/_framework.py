@@ -226,7 +226,12 @@ def _default_out(name: str, preset: str | None, cfg: Any) -> Path:
 
 
 # -- running ------------------------------------------------------------------------------------
-DEFAULT_PRESET = "smoke"
+class _DefaultPreset(str):
+    """The preset a caller did not choose: ``"smoke"``, told apart from an explicit ``"smoke"``
+    by identity (a resumed run keeps its saved preset unless one is given)."""
+
+
+DEFAULT_PRESET: str = _DefaultPreset("smoke")
 _BOOKKEEPING = {"config.json", "env.json", "status.json"}
 
 
@@ -242,9 +247,7 @@ def run_experiment(name: str | None, *, preset: str | None = DEFAULT_PRESET,
     - ``name``, if given, must be the saved experiment;
     - every override (``--seed``, ``--field value``) must equal the saved value — a different
       value is refused (start a new run with ``--out`` to change it), an equal one is accepted;
-    - ``preset``, if it is not the default ``"smoke"``, must be the saved preset. The default
-      cannot be told from "not given" (the CLI passes it), so a resumed run whose saved preset
-      differs only prints which preset it resumes with.
+    - ``preset``, if given, must be the saved preset (not given: the saved one is used).
 
     A resumed run first drops the ``metrics.csv`` rows logged after its last commit point
     (:meth:`RunDir.discard_uncommitted`; not for a run that had completed), so rows are never
@@ -330,15 +333,6 @@ def _check_resume(rd: RunDir, name: str | None, preset: str | None,
     if name is not None and get_experiment(name).name != exp.name:
         raise ConfigError(f"{rd.path} holds a run of {exp.name!r}, not {name!r}: {fix}, or "
                           f"start a new {name} run with --out")
-    saved_preset = saved.get("preset")
-    if preset != saved_preset:
-        if preset != DEFAULT_PRESET:
-            raise ConfigError(f"{rd.path} was run with preset {saved_preset!r}, not {preset!r}; "
-                              f"a resumed run keeps its configuration: {fix}, or start a new "
-                              "run with --out")
-        if not quiet:
-            print(f"[tangentscope] resuming {rd.path} with its saved preset {saved_preset!r}",
-                  flush=True)
     hints = typing.get_type_hints(exp.config)
     fields = {f.name for f in dataclasses.fields(exp.config)}
     diffs = []
@@ -354,6 +348,15 @@ def _check_resume(rd: RunDir, name: str | None, preset: str | None,
         raise ConfigError(f"{rd.path} was run with a different configuration than "
                           f"{', '.join(diffs)}; a resumed run keeps the configuration it was "
                           f"started with: {fix}, or start a new run with --out to change it")
+    saved_preset = saved.get("preset")
+    if preset != saved_preset:
+        if preset is not DEFAULT_PRESET:
+            raise ConfigError(f"{rd.path} was run with preset {saved_preset!r}, not {preset!r}; "
+                              f"a resumed run keeps its configuration: {fix}, or start a new "
+                              "run with --out")
+        if not quiet:
+            print(f"[tangentscope] resuming {rd.path} with its saved preset {saved_preset!r}",
+                  flush=True)
     cfg = make_config(exp.config, saved["config"])
     try:
         prev = rd.status

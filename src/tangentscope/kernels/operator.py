@@ -7,8 +7,7 @@ from several threads (its ``jvp`` sections hold the process-wide forward-mode lo
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,28 +16,11 @@ from torch.func import jvp, vjp
 
 from .._utils import forward_ad_section
 from ..errors import ConfigError, ShapeError
+from ..linalg import Eigenpairs, lanczos_topk
 from ._plan import as_input, probe_model, resolve_preconditioner
 from .functional import FunctionalModel, functionalize
 
-__all__ = ["EntkOperator", "entk_topk", "lanczos_topk", "Eigenpairs"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Eigenpairs:
-    """Top eigenpairs, largest first.
-
-    Attributes:
-        values: ``(k,)`` eigenvalues, descending.
-        vectors: ``(N, k)`` orthonormal eigenvectors (columns), ``N = n p`` in the stacked
-            ``i*p + a`` order.
-        residuals: ``(k,)`` ``‖A v − λ v‖`` for each pair.
-        iterations: size of the Krylov basis built (= matrix-vector products used).
-    """
-
-    values: Tensor
-    vectors: Tensor
-    residuals: Tensor
-    iterations: int
+__all__ = ["EntkOperator", "entk_topk", "lanczos_topk", "Eigenpairs"]  # the last two: linalg's
 
 
 class EntkOperator:
@@ -174,7 +156,8 @@ class EntkOperator:
     __matmul__ = matvec
 
     def topk(self, k: int, **kw: Any) -> Eigenpairs:
-        """Top-``k`` eigenpairs by Lanczos (see :func:`lanczos_topk`)."""
+        """Top-``k`` eigenpairs by block Lanczos (:func:`tangentscope.linalg.lanczos_topk`;
+        keywords as there)."""
         return lanczos_topk(self.matvec, self.shape[0], k, dtype=self.dtype,
                             device=self.fm.device, **kw)
 
@@ -189,72 +172,10 @@ def entk_topk(model: Any, x: Tensor, k: int, *, params: Mapping[str, Tensor] | N
         model, x, params, precondition, dtype, chunk_size: as :class:`EntkOperator`.
         k: number of eigenpairs.
         tol: stop when every wanted pair has ``‖K v − λ v‖ ≤ tol · λ_max``.
-        max_iter: Lanczos steps cap (default ``n p``).
+        max_iter: cap on the Lanczos basis size (default ``n p``; ``max_basis`` of
+            :func:`tangentscope.linalg.lanczos_topk`).
         seed: start-vector seed.
     """
     op = EntkOperator(model, x, params=params, precondition=precondition, dtype=dtype,
                       chunk_size=chunk_size)
-    return op.topk(k, tol=tol, max_iter=max_iter, seed=seed)
-
-
-def lanczos_topk(matvec: Callable[[Tensor], Tensor], n: int, k: int, *,
-                 dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
-                 tol: float = 1e-8, max_iter: int | None = None, seed: int = 0,
-                 block_size: int | None = None) -> Eigenpairs:
-    """Top-``k`` eigenpairs of a symmetric operator by block Lanczos (full reorthogonalization).
-
-    The block Krylov basis ``Q`` grows one block of ``b`` vectors per step; the Ritz pairs of
-    ``Qᵀ A Q`` are accepted once the ``k`` largest have ``‖A Q s − θ Q s‖ ≤ tol · |θ_1|``, or the
-    space is exhausted (then the answer is exact). Blocks find eigenvalues of multiplicity up to
-    ``b``; directions that deflate (an invariant subspace) are replaced with fresh random ones,
-    so zero and repeated eigenvalues are found too.
-
-    Args:
-        matvec: ``V (n, b) -> A V (n, b)`` (a 1-d ``v`` is never passed).
-        n: dimension.
-        k: number of pairs (``1 ≤ k ≤ n``).
-        tol: relative residual tolerance.
-        max_iter: cap on the basis size (default ``n``).
-        block_size: ``b`` (default ``min(k, 8)``).
-    """
-    if not 1 <= k <= n:
-        raise ShapeError(f"k must be in [1, {n}], got {k}: ask for between 1 and {n} "
-                         "eigenpairs")
-    cap = min(n, max_iter or n)
-    b = max(1, min(block_size or min(k, 8), n))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    def orth(W: Tensor, Q: Tensor | None) -> Tensor:
-        for _ in range(2):  # twice is enough
-            if Q is not None:
-                W = W - Q @ (Q.T @ W)
-        U, S, _ = torch.linalg.svd(W, full_matrices=False)
-        return U[:, 1e-10 * max(1.0, float(S.max()) if S.numel() else 1.0) < S]
-
-    def fresh(m: int, Q: Tensor | None) -> Tensor:
-        W = torch.randn(n, m, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
-        return orth(W, Q)
-
-    Q = fresh(b, None)
-    AQ = matvec(Q).to(dtype)
-    while True:
-        T = Q.T @ AQ
-        theta, S = torch.linalg.eigh(0.5 * (T + T.T))
-        theta, S = theta.flip(0), S.flip(1)
-        kk = min(k, theta.shape[0])
-        X = Q @ S[:, :kk]
-        R = AQ @ S[:, :kk] - X * theta[:kk]
-        res = R.norm(dim=0)
-        done = kk == k and bool((res <= tol * max(abs(float(theta[0])), 1e-300)).all())
-        if done or Q.shape[1] >= cap:
-            break
-        room = cap - Q.shape[1]
-        W = orth(AQ[:, -b:], Q)[:, :room]
-        if W.shape[1] < min(b, room):  # deflation: top up with random directions
-            W = torch.cat([W, fresh(min(b, room) - W.shape[1], torch.cat([Q, W], 1))], 1)
-        if W.shape[1] == 0:
-            break
-        Q = torch.cat([Q, W], 1)
-        AQ = torch.cat([AQ, matvec(W).to(dtype)], 1)
-    vals = theta[:k]
-    return Eigenpairs(vals, X[:, :k] / X[:, :k].norm(dim=0, keepdim=True), res[:k], Q.shape[1])
+    return op.topk(k, tol=tol, max_basis=max_iter, seed=seed)

@@ -12,9 +12,12 @@ of single-vector products a block of ``b`` vectors reaches degree ``m/b`` only: 
 power-law spectrum (``λ_i = i^{-1.5}``, ``N = 1000``) the top 8 pairs to ``tol = 1e-8`` cost
 72 products with ``b = 8`` (the old default ``min(k, 8)``), 24 with ``b = 1`` (scipy's ``eigsh``:
 27). Blocks pay only when a block product is much cheaper per column than single products
-(batched kernel-vector products) or for repeated eigenvalues; :func:`default_block_size`
-picks ``b = 1`` up to ``k = 8`` and ``k/8`` (at most 8) beyond, which keeps the product count
-within ~1.3× of ``b = 1`` while cutting the number of (sequential) block calls 2–4×.
+(batched kernel-vector products) or for repeated eigenvalues: a single-vector Krylov space
+holds one direction of each eigenspace, so a multiplicity-``m`` eigenvalue needs ``b ≥ m``.
+:func:`lanczos_topk` therefore defaults to the safe ``b = min(k, 8)`` (finds multiplicities up
+to 8); :func:`default_block_size` (``b = 1`` up to ``k = 8`` and ``k/8``, at most 8, beyond:
+the product count within ~1.3× of ``b = 1`` and 2–4× fewer sequential block calls) is the fast
+choice for spectra without repeated top eigenvalues, which the matrix-free channel uses.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def _orth(W: Tensor, Q: Tensor | None, rel: float = 1e-10) -> Tensor:
 def lanczos_topk(matvec: Matvec, n: int, k: int, *, block_size: int | None = None,
                  tol: float = 1e-8, max_basis: int | None = None, seed: int = 0,
                  dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
-                 start: Tensor | None = None) -> Eigenpairs:
+                 start: Tensor | None = None, max_iter: int | None = None) -> Eigenpairs:
     """Top-``k`` eigenpairs of a symmetric operator by block Lanczos.
 
     The basis ``Q`` grows one block of ``b`` vectors per step (``orth(A q_last)``, full
@@ -104,12 +107,14 @@ def lanczos_topk(matvec: Matvec, n: int, k: int, *, block_size: int | None = Non
         matvec: ``V (n, b) -> A V (n, b)``.
         n: dimension ``N``.
         k: number of pairs, ``1 ≤ k ≤ n``.
-        block_size: ``b`` (default :func:`default_block_size`).
+        block_size: ``b`` (default ``min(k, 8)``, safe for repeated eigenvalues; pass
+            :func:`default_block_size` for fewer products on simple spectra).
         tol: relative residual tolerance.
         max_basis: cap on the basis size (default ``n``); memory is ``2 · N · max_basis``
             floats (the basis and its image).
         seed: seed of the random start block.
         start: optional ``(n, b')`` start block (e.g. the previous window's eigenvectors).
+        max_iter: the same cap as ``max_basis`` under the name ``entk_topk`` uses (give one).
 
     Returns:
         :class:`Eigenpairs` (``converged=False`` when the cap stopped it first).
@@ -118,11 +123,15 @@ def lanczos_topk(matvec: Matvec, n: int, k: int, *, block_size: int | None = Non
         ShapeError: ``k`` outside ``[1, n]`` or a ``matvec`` of the wrong shape.
     """
     if not 1 <= k <= n:
-        raise ShapeError(f"k must be in [1, {n}], got {k}")
-    cap = min(n, max_basis or n)
+        raise ShapeError(f"k must be in [1, {n}], got {k}: ask for between 1 and {n} "
+                         "eigenpairs")
+    if max_iter is not None and max_basis is not None and max_iter != max_basis:
+        raise ShapeError(f"max_iter={max_iter} and max_basis={max_basis} name the same cap: "
+                         "give one")
+    cap = min(n, max_basis or max_iter or n)
     if cap < k:
         raise ShapeError(f"max_basis={cap} is smaller than k={k}: allow at least k vectors")
-    b = max(1, min(block_size or default_block_size(k), n))
+    b = max(1, min(block_size or min(k, 8), n))
     op = _Counter(matvec, dtype)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 

@@ -538,7 +538,7 @@ def build_optimizer(spec: str | OptimizerSpec, params: nn.Module | Iterable[Any]
     if isinstance(lr, bool) or not isinstance(lr, (int, float, Tensor)) or \
             (isinstance(lr, Tensor) and lr.numel() != 1) or \
             not (math.isfinite(float(lr)) and float(lr) > 0):
-        raise ConfigError(f"learning rate must be a finite number > 0, got {lr!r}")
+        raise ConfigError(f"learning rate must be a finite positive number (> 0), got {lr!r}")
     for name, value in (("weight_decay", weight_decay), ("eps", eps), ("momentum", momentum)):
         if value is not None:
             check_number(name, value, high=1.0 if name == "momentum" else math.inf)
