@@ -15,9 +15,9 @@ from tangentscope.dynamics import (
     KernelRecorder,
     KernelTrajectory,
     accumulate_operators,
-    dissipation_gramian,
     every,
     identity_residuals,
+    integrated_entk,
     mode_visibility,
     propagator,
     split_channels,
@@ -191,8 +191,10 @@ def test_exp_is_exact_for_gradient_flow_on_a_linear_model_at_any_spacing():
                                atol=1e-10)
     # the three named entry points agree with window_operators
     torch.testing.assert_close(propagator(traj, 1, 3), ops.P)
-    torch.testing.assert_close(dissipation_gramian(traj, 1, 3), ops.W)
+    torch.testing.assert_close(integrated_entk(traj, 1, 3), ops.W)
     torch.testing.assert_close(transfer_operator(traj, 1, 3), ops.G)
+    with pytest.warns(FutureWarning, match="now integrated_entk"):   # the old name still works
+        torch.testing.assert_close(ts.dynamics.dissipation_gramian(traj, 1, 3), ops.W)
 
 
 def test_euler_converges_at_first_order_on_a_linear_flow():

@@ -67,8 +67,8 @@ class LinearizedComparison:
     linearized_param_distance: float
 
 
-def linearized_comparison(K0: Tensor, KQ0: Tensor, u0: Tensor, UQ0: Tensor, y: Tensor,
-                          uT: Tensor, UQT: Tensor, *, steps: int, lr: float, KT: Tensor,
+def linearized_comparison(K0: Tensor, KQ0: Tensor, u0: Tensor, U_Q0: Tensor, y: Tensor,
+                          uT: Tensor, U_QT: Tensor, *, steps: int, lr: float, KT: Tensor,
                           param_distance: float, reduction: str = "mean"
                           ) -> LinearizedComparison:
     """Compare the network after ``steps`` full-batch GD steps of size ``lr`` (squared loss) with
@@ -78,25 +78,25 @@ def linearized_comparison(K0: Tensor, KQ0: Tensor, u0: Tensor, UQ0: Tensor, y: T
     Args:
         K0: ``(N, N)`` eNTK at initialization; ``KQ0``: ``(m p, N)`` its cross-kernel; ``KT``:
             the eNTK at the end.
-        u0, UQ0: ``(n, p)``, ``(m, p)`` outputs at initialization; ``uT``, ``UQT`` at the end.
+        u0, U_Q0: ``(n, p)``, ``(m, p)`` outputs at initialization; ``uT``, ``U_QT`` at the end.
         y: ``(n, p)`` targets.
         param_distance: ``‖w_T − w_0‖`` of the network.
     """
     f64 = torch.float64
     K0, KQ0, KT = (torch.as_tensor(a, dtype=f64) for a in (K0, KQ0, KT))
-    u0, UQ0, y, uT, UQT = (torch.as_tensor(a, dtype=f64).reshape(a.shape[0], -1)
-                           for a in (u0, UQ0, y, uT, UQT))
-    lin = squared_loss_flow(K0, u0, y, steps=[steps], lr=lr, K_QS=KQ0, U_Q0=UQ0,
+    u0, U_Q0, y, uT, U_QT = (torch.as_tensor(a, dtype=f64).reshape(a.shape[0], -1)
+                           for a in (u0, U_Q0, y, uT, U_QT))
+    lin = squared_loss_flow(K0, u0, y, steps=[steps], lr=lr, K_QS=KQ0, U_Q0=U_Q0,
                             reduction=reduction)
-    inf = squared_loss_flow(K0, u0, y, t=[math.inf], K_QS=KQ0, U_Q0=UQ0)
+    inf = squared_loss_flow(K0, u0, y, t=[math.inf], K_QS=KQ0, U_Q0=U_Q0)
     assert lin.U_Q is not None and inf.U_Q is not None
 
     def rel(a: Tensor, b: Tensor, ref: Tensor) -> float:
         d = float(torch.linalg.norm(ref))
         return float(torch.linalg.norm(a - b)) / d if d > 0 else float("nan")
 
-    same = ((UQT[:, 0] > 0) == (lin.U_Q[-1][:, 0] > 0)) if UQT.shape[1] == 1 else (
-        UQT.argmax(1) == lin.U_Q[-1].argmax(1))
+    same = ((U_QT[:, 0] > 0) == (lin.U_Q[-1][:, 0] > 0)) if U_QT.shape[1] == 1 else (
+        U_QT.argmax(1) == lin.U_Q[-1].argmax(1))
     r0 = (u0 - y).reshape(-1)
     lam, V = torch.linalg.eigh(0.5 * (K0 + K0.T))
     keep = lam > lam.max() * lam.numel() * torch.finfo(f64).eps
@@ -104,9 +104,9 @@ def linearized_comparison(K0: Tensor, KQ0: Tensor, u0: Tensor, UQ0: Tensor, y: T
     scale = 1.0 / u0.shape[0] if reduction == "mean" else 1.0
     fitted = 1 - (1 - lr * scale * lam[keep]) ** steps
     return LinearizedComparison(
-        test_rel_error=rel(UQT, lin.U_Q[-1], UQT - UQ0),
+        test_rel_error=rel(U_QT, lin.U_Q[-1], U_QT - U_Q0),
         train_rel_error=rel(uT, lin.u[-1], uT - u0),
-        minnorm_rel_error=rel(UQT, inf.U_Q[-1], UQT - UQ0),
+        minnorm_rel_error=rel(U_QT, inf.U_Q[-1], U_QT - U_Q0),
         test_agreement=float(same.float().mean()),
         kernel_distance=float(torch.linalg.norm(KT - K0) / torch.linalg.norm(K0)),
         param_distance=float(param_distance),
@@ -143,14 +143,14 @@ def minnorm_rel_errors(traj: KernelTrajectory, y: Tensor) -> dict[str, float]:
     if traj.U_Q is None:
         raise ConfigError("minnorm_rel_errors needs a recorded test/probe set")
     y = torch.as_tensor(y, dtype=torch.float64).reshape(traj.n, traj.p)
-    UQ0, UQT = traj.U_Q[0], traj.U_Q[-1]
-    ref = float(torch.linalg.norm(UQT - UQ0))
+    U_Q0, U_QT = traj.U_Q[0], traj.U_Q[-1]
+    ref = float(torch.linalg.norm(U_QT - U_Q0))
     kernels = {"minnorm_init": (traj.kernel(0), traj.cross_kernel(0)),
                "minnorm_final": (traj.kernel(-1), traj.cross_kernel(-1)),
                "minnorm_path": path_average_kernel(traj)}
     out = {}
     for name, (K, KQ) in kernels.items():
-        jump = analytic_jump(K, traj.u[0], y, K_QS=KQ, U_Q0=UQ0)
+        jump = analytic_jump(K, traj.u[0], y, K_QS=KQ, U_Q0=U_Q0)
         assert jump.U_Q is not None
-        out[f"{name}_rel_error"] = float(torch.linalg.norm(UQT - jump.U_Q[-1])) / ref
+        out[f"{name}_rel_error"] = float(torch.linalg.norm(U_QT - jump.U_Q[-1])) / ref
     return out

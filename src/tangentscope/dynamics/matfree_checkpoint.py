@@ -315,10 +315,10 @@ class CheckpointKernelPath(KernelPath):
                    x_test=d.get("x_test"), y_test=d.get("y_test"), **kw)
 
     # -- states and products -------------------------------------------------------------------
-    def _state(self, k: int, dtype: torch.dtype | None = None) -> CheckpointState:
-        """Snapshot ``k``'s state on this device in ``dtype`` (the last four are cached, so a
+    def _state(self, index: int, dtype: torch.dtype | None = None) -> CheckpointState:
+        """Snapshot ``index``'s state on this device in ``dtype`` (the last four are cached, so a
         sweep does not copy ``P`` floats per product)."""
-        key = (k % len(self), dtype or self.dtype)
+        key = (index % len(self), dtype or self.dtype)
         if key not in self._states:
             if len(self._states) >= 4:
                 self._states.pop(next(iter(self._states)))
@@ -331,17 +331,17 @@ class CheckpointKernelPath(KernelPath):
                                                     for n, v in D.items()})
         return self._states[key]
 
-    def kernel_matvec(self, k: int, X: Tensor) -> Tensor:
-        out = self.kernel_pair(k, X, None)[0]
+    def kernel_matvec(self, index: int, X: Tensor) -> Tensor:
+        out = self.kernel_pair(index, X, None)[0]
         assert out is not None
         return out
 
-    def cross_matvec(self, k: int, X: Tensor) -> Tensor:
-        out = self.kernel_pair(k, None, X)[1]
+    def cross_matvec(self, index: int, X: Tensor) -> Tensor:
+        out = self.kernel_pair(index, None, X)[1]
         assert out is not None
         return out
 
-    def kernel_pair(self, k: int, X: Tensor | None, Xq: Tensor | None
+    def kernel_pair(self, index: int, X: Tensor | None, Xq: Tensor | None
                     ) -> tuple[Tensor | None, Tensor | None]:
         if Xq is not None and self.xq is None:
             raise ShapeError("this path has no test/probe set: pass x_test= to get K_QS, U_Q "
@@ -354,7 +354,7 @@ class CheckpointKernelPath(KernelPath):
         cd, jac = self.compute_dtype, self._cjac
         V = torch.cat([b.to(device=self.device, dtype=cd) for b in blocks], 1)
         self._count(V)
-        st = self._state(k, cd)
+        st = self._state(index, cd)
         with torch.no_grad():
             T = jac.pull(st, self._cx, self.rows.local(V, self.p))
             D = jac.flat_preconditioner(st)
@@ -370,11 +370,11 @@ class CheckpointKernelPath(KernelPath):
                     self.m * self.p, -1).to(self.dtype)
         return KX, KQX
 
-    def parameter_gradient(self, k: int) -> dict[str, Tensor]:
-        """``∇_w Φ_S = J_Sᵀ g`` at snapshot ``k`` (summed over ranks), ``name → tensor``."""
-        st = self._state(k)
+    def parameter_gradient(self, index: int) -> dict[str, Tensor]:
+        """``∇_w Φ_S = J_Sᵀ g`` at snapshot ``index`` (summed over ranks), ``name → tensor``."""
+        st = self._state(index)
         with torch.no_grad():
-            T = self.jac.pull(st, self.x, self.rows.local(self.gradient(k).reshape(-1, 1),
+            T = self.jac.pull(st, self.x, self.rows.local(self.gradient(index).reshape(-1, 1),
                                                           self.p))[0]
         out, i = {}, 0
         for name in self.jac.names:
@@ -389,58 +389,58 @@ class CheckpointKernelPath(KernelPath):
         P = sum(v.numel() for v in self._state(0).params.values())
         return 3 * c * P * torch.empty((), dtype=self.compute_dtype).element_size()
 
-    def test_kernel_matvec(self, k: int, X: Tensor) -> Tensor:
-        """``K_QQ(k) X`` for ``X`` ``(m p, c)`` → ``(m p, c)``."""
+    def test_kernel_matvec(self, index: int, X: Tensor) -> Tensor:
+        """``K_QQ(index) X`` for ``X`` ``(m p, c)`` → ``(m p, c)``."""
         if self.xq is None or self.qrows is None:
             raise ShapeError("this path has no test/probe set (pass x_test=)")
-        st = self._state(k)
+        st = self._state(index)
         with torch.no_grad():
             T = self.jac.pull(st, self.xq, self.qrows.local(X, self.p))
             D = self.jac.flat_preconditioner(st)
             T = T if D is None else T * D
             return self.qrows.gather(self.jac.push(st, self.xq, T)).reshape(self.m * self.p, -1)
 
-    def test_gram_norm(self, k: int) -> float | None:
-        """``‖K_QQ(k)‖₂`` by Lanczos (``tol = 1e-12``), cached."""
+    def test_gram_norm(self, index: int) -> float | None:
+        """``‖K_QQ(index)‖₂`` by Lanczos (``tol = 1e-12``), cached."""
         if self.xq is None:
             return None
-        k = k % len(self)
-        if k not in self._gram:
-            r = lanczos_topk(lambda X: self.test_kernel_matvec(k, X), self.m * self.p, 1,
+        index = index % len(self)
+        if index not in self._gram:
+            r = lanczos_topk(lambda X: self.test_kernel_matvec(index, X), self.m * self.p, 1,
                              tol=1e-12, dtype=self.dtype, device=self.device)
-            self._gram[k] = float(r.values[0])
-        return self._gram[k]
+            self._gram[index] = float(r.values[0])
+        return self._gram[index]
 
     # -- small arrays ----------------------------------------------------------------------------
-    def _outputs(self, k: int) -> tuple[Tensor, Tensor | None]:
-        k = k % len(self)
-        if k not in self._u:
-            st = self._state(k)
+    def _outputs(self, index: int) -> tuple[Tensor, Tensor | None]:
+        index = index % len(self)
+        if index not in self._u:
+            st = self._state(index)
             with torch.no_grad(), eval_mode(self.model):
                 u = self.rows.gather(self.jac.apply(st, st.params, self.x))
                 uq = None
                 if self.xq is not None and self.qrows is not None:
                     uq = self.qrows.gather(self.jac.apply(st, st.params, self.xq))
-            self._u[k] = (u, uq)
-        return self._u[k]
+            self._u[index] = (u, uq)
+        return self._u[index]
 
-    def u(self, k: int) -> Tensor:
-        return self._outputs(k)[0]
+    def u(self, index: int) -> Tensor:
+        return self._outputs(index)[0]
 
-    def U_Q(self, k: int) -> Tensor | None:
-        return self._outputs(k)[1]
+    def U_Q(self, index: int) -> Tensor | None:
+        return self._outputs(index)[1]
 
-    def gradient(self, k: int) -> Tensor:
-        return self.loss_fn.grad(self.u(k), self.y)
+    def gradient(self, index: int) -> Tensor:
+        return self.loss_fn.grad(self.u(index), self.y)
 
-    def hessian(self, k: int) -> Tensor:
-        return self.loss_fn.hessian(self.u(k), self.y)
+    def hessian(self, index: int) -> Tensor:
+        return self.loss_fn.hessian(self.u(index), self.y)
 
-    def loss(self, k: int) -> float:
-        return float(self.loss_fn.value(self.u(k), self.y))
+    def loss(self, index: int) -> float:
+        return float(self.loss_fn.value(self.u(index), self.y))
 
-    def test_loss(self, k: int) -> float:
+    def test_loss(self, index: int) -> float:
         """Test loss ``Φ_Q(U_Q)`` (NaN without test targets)."""
-        uq = self.U_Q(k)
+        uq = self.U_Q(index)
         return float("nan") if uq is None or self.yq is None else float(
             self.loss_fn.value(uq, self.yq))

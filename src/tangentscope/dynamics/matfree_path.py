@@ -70,42 +70,43 @@ class KernelPath:
         """``n p``, the stacked output dimension."""
         return self.n * self.p
 
-    def kernel_matvec(self, k: int, X: Tensor) -> Tensor:
-        """``K_SS(k) X`` for ``X`` ``(N, c)`` → ``(N, c)``."""
+    def kernel_matvec(self, index: int, X: Tensor) -> Tensor:
+        """``K_SS(index) X`` for ``X`` ``(N, c)`` → ``(N, c)``."""
         raise NotImplementedError
 
-    def cross_matvec(self, k: int, X: Tensor) -> Tensor:
-        """``K_QS(k) X`` for ``X`` ``(N, c)`` → ``(m p, c)``."""
+    def cross_matvec(self, index: int, X: Tensor) -> Tensor:
+        """``K_QS(index) X`` for ``X`` ``(N, c)`` → ``(m p, c)``."""
         raise NotImplementedError
 
-    def kernel_pair(self, k: int, X: Tensor | None, Xq: Tensor | None
+    def kernel_pair(self, index: int, X: Tensor | None, Xq: Tensor | None
                     ) -> tuple[Tensor | None, Tensor | None]:
-        """``(K_SS(k) X, K_QS(k) Xq)`` (either may be ``None``); one ``Jᵀ`` pass where possible."""
-        return (None if X is None else self.kernel_matvec(k, X),
-                None if Xq is None else self.cross_matvec(k, Xq))
+        """``(K_SS(index) X, K_QS(index) Xq)`` (either may be ``None``); one ``Jᵀ`` pass where
+        possible."""
+        return (None if X is None else self.kernel_matvec(index, X),
+                None if Xq is None else self.cross_matvec(index, Xq))
 
-    def u(self, k: int) -> Tensor:
-        """Training outputs ``(n, p)`` at snapshot ``k``."""
+    def u(self, index: int) -> Tensor:
+        """Training outputs ``(n, p)`` at snapshot ``index``."""
         raise NotImplementedError
 
-    def U_Q(self, k: int) -> Tensor | None:
-        """Test outputs ``(m, p)`` at snapshot ``k`` (``None`` without a test set)."""
+    def U_Q(self, index: int) -> Tensor | None:
+        """Test outputs ``(m, p)`` at snapshot ``index`` (``None`` without a test set)."""
         raise NotImplementedError
 
-    def gradient(self, k: int) -> Tensor:
-        """Output gradient ``g = ∇_u Φ`` ``(n, p)`` at snapshot ``k``."""
+    def gradient(self, index: int) -> Tensor:
+        """Output gradient ``g = ∇_u Φ`` ``(n, p)`` at snapshot ``index``."""
         raise NotImplementedError
 
-    def hessian(self, k: int) -> Tensor:
-        """Loss-Hessian blocks ``B`` ``(n, p, p)`` at snapshot ``k``."""
+    def hessian(self, index: int) -> Tensor:
+        """Loss-Hessian blocks ``B`` ``(n, p, p)`` at snapshot ``index``."""
         raise NotImplementedError
 
-    def loss(self, k: int) -> float:
-        """Training loss ``Φ_S`` at snapshot ``k``."""
+    def loss(self, index: int) -> float:
+        """Training loss ``Φ_S`` at snapshot ``index``."""
         raise NotImplementedError
 
-    def test_gram_norm(self, k: int) -> float | None:
-        """``‖K_QQ(k)‖₂`` for the visibility bound, or ``None`` if unavailable."""
+    def test_gram_norm(self, index: int) -> float | None:
+        """``‖K_QQ(index)‖₂`` for the visibility bound, or ``None`` if unavailable."""
         return None
 
     def _count(self, X: Tensor) -> None:
@@ -140,52 +141,52 @@ class DenseKernelPath(KernelPath):
             self.loss_fn = None
         self._cache: dict[int, tuple[Tensor, Tensor | None]] = {}
 
-    def _kernels(self, k: int) -> tuple[Tensor, Tensor | None]:
-        k = k % len(self)
-        if k not in self._cache:
+    def _kernels(self, index: int) -> tuple[Tensor, Tensor | None]:
+        index = index % len(self)
+        if index not in self._cache:
             if len(self._cache) >= 2:
                 self._cache.pop(next(iter(self._cache)))
-            KQ = self.traj.cross_kernel(k)
-            self._cache[k] = (self.traj.kernel(k).to(self.device),
+            KQ = self.traj.cross_kernel(index)
+            self._cache[index] = (self.traj.kernel(index).to(self.device),
                               None if KQ is None else KQ.to(self.device))
-        return self._cache[k]
+        return self._cache[index]
 
     def product_bytes(self, c: int) -> int:
         """Bytes of the two cached snapshots' kernels (``N²`` and ``m p · N`` floats each)."""
         return 2 * 8 * self.N * (self.N + self.m * self.p)
 
-    def kernel_matvec(self, k: int, X: Tensor) -> Tensor:
+    def kernel_matvec(self, index: int, X: Tensor) -> Tensor:
         check_block(X, self.N, "kernel_matvec")
         self._count(X)
-        return self._kernels(k)[0] @ X
+        return self._kernels(index)[0] @ X
 
-    def cross_matvec(self, k: int, X: Tensor) -> Tensor:
+    def cross_matvec(self, index: int, X: Tensor) -> Tensor:
         check_block(X, self.N, "cross_matvec")
-        KQ = self._kernels(k)[1]
+        KQ = self._kernels(index)[1]
         if KQ is None:
             raise ShapeError("the trajectory has no test/probe set: record it with "
                              "KernelRecorder(..., x_test=...) to get K_QS and G_Q")
         self._count(X)
         return KQ @ X
 
-    def u(self, k: int) -> Tensor:
-        return self.traj.u[k].to(self.device)
+    def u(self, index: int) -> Tensor:
+        return self.traj.u[index].to(self.device)
 
-    def U_Q(self, k: int) -> Tensor | None:
-        return None if self.traj.U_Q is None else self.traj.U_Q[k].to(self.device)
+    def U_Q(self, index: int) -> Tensor | None:
+        return None if self.traj.U_Q is None else self.traj.U_Q[index].to(self.device)
 
-    def gradient(self, k: int) -> Tensor:
-        return self.traj.g[k].to(self.device)
+    def gradient(self, index: int) -> Tensor:
+        return self.traj.g[index].to(self.device)
 
-    def hessian(self, k: int) -> Tensor:
-        return self.traj.hessian(k).to(self.device)
+    def hessian(self, index: int) -> Tensor:
+        return self.traj.hessian(index).to(self.device)
 
-    def loss(self, k: int) -> float:
-        return float(self.traj.loss[k])
+    def loss(self, index: int) -> float:
+        return float(self.traj.loss[index])
 
-    def test_gram_norm(self, k: int) -> float | None:
+    def test_gram_norm(self, index: int) -> float | None:
         g = self.traj.test_gram_norm
-        return None if g is None else float(g[k])
+        return None if g is None else float(g[index])
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ class Checkpoints(Protocol):
     @property
     def dts(self) -> tuple[np.ndarray, ...]: ...
     def __len__(self) -> int: ...
-    def state(self, k: int) -> CheckpointState: ...
+    def state(self, index: int) -> CheckpointState: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,8 +248,8 @@ class MemoryCheckpoints:
     def __len__(self) -> int:
         return len(self.states)
 
-    def state(self, k: int) -> CheckpointState:
-        return self.states[k]
+    def state(self, index: int) -> CheckpointState:
+        return self.states[index]
 
     @property
     def nbytes(self) -> int:

@@ -21,8 +21,8 @@ contribution ``M`` to ``W`` and ``F`` to ``G`` — so that ``P ← E P``, ``W �
   ``E = Π(I − η_j B K)``, ``W``-increments ``η_j K − (η_j²/2) K B K`` (the exact one-step decrease
   of a quadratic loss). Exact for full-batch gradient *descent* on a linear model under squared
   loss, at any snapshot spacing and any learning-rate schedule.
-- ``"euler"``: the first-order rule of docs/notation.md with one step of size ``h``: ``E = I − h B K``,
-  ``M = h K``, ``F = h K_QS``. Converges as ``O(h)``.
+- ``"euler"``: the first-order rule of docs/notation.md with one step of size ``h``:
+  ``E = I − h B K``, ``M = h K``, ``F = h K_QS``. Converges as ``O(h)``.
 
 ``exp``, ``midpoint`` and multi-step ``gd`` use one symmetric eigen-decomposition per interval.
 For ``B = b I`` (squared loss) ``E``, ``M`` and ``F/K_QS`` are diagonal in the eigenbasis of ``K``.
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import warnings
 from collections.abc import Iterator
 from typing import Literal
 
@@ -46,8 +47,8 @@ from ..errors import ConfigError, ShapeError
 from .trajectory import KernelTrajectory
 
 __all__ = ["DISCRETIZATIONS", "WindowOperators", "IdentityResiduals", "accumulate_operators",
-           "window_operators", "propagator", "dissipation_gramian", "transfer_operator",
-           "identity_residuals"]
+           "window_operators", "propagator", "integrated_entk", "dissipation_gramian",
+           "transfer_operator", "identity_residuals"]
 
 Discretization = Literal["exp", "midpoint", "gd", "euler"]
 DISCRETIZATIONS = ("exp", "midpoint", "gd", "euler")
@@ -294,10 +295,19 @@ def propagator(traj: KernelTrajectory, start: int = 0, stop: int | None = None, 
     return window_operators(traj, start, stop, discretization=discretization).P
 
 
+def integrated_entk(traj: KernelTrajectory, start: int = 0, stop: int | None = None, *,
+                    discretization: Discretization = "exp") -> Tensor:
+    """The integrated eNTK ``W_S(s, T)`` ``(N, N)`` (the paper's "cumulative dissipation
+    Gramian"): ``Φ(s) − Φ(T) ≈ g(s)ᵀ W_S g(s)``."""
+    return window_operators(traj, start, stop, discretization=discretization).W
+
+
 def dissipation_gramian(traj: KernelTrajectory, start: int = 0, stop: int | None = None, *,
                         discretization: Discretization = "exp") -> Tensor:
-    """The integrated eNTK ``W_S(s, T)`` ``(N, N)``: ``Φ(s) − Φ(T) ≈ g(s)ᵀ W_S g(s)``."""
-    return window_operators(traj, start, stop, discretization=discretization).W
+    """Deprecated name of :func:`integrated_entk` (warns; will be removed)."""
+    warnings.warn("dissipation_gramian is now integrated_entk (same arguments, same result)",
+                  FutureWarning, stacklevel=2)
+    return integrated_entk(traj, start, stop, discretization=discretization)
 
 
 def transfer_operator(traj: KernelTrajectory, start: int = 0, stop: int | None = None, *,

@@ -133,41 +133,41 @@ class KernelTrajectory:
         return self.n * self.p
 
     # -- per-snapshot arrays (loaded on demand) ---------------------------------------------
-    def _array(self, k: int, name: str) -> Tensor | None:
-        if not -len(self) <= k < len(self):
-            raise IndexError(f"snapshot {k} out of range for a trajectory of {len(self)}")
-        a = self._source.get(k % len(self), name)
+    def _array(self, index: int, name: str) -> Tensor | None:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"snapshot {index} out of range for a trajectory of {len(self)}")
+        a = self._source.get(index % len(self), name)
         return None if a is None else _t64(a)
 
-    def kernel(self, k: int) -> Tensor:
-        """Stacked ``K_SS`` ``(N, N)`` of snapshot ``k`` (float64)."""
-        K = self._array(k, "K_SS")
+    def kernel(self, index: int) -> Tensor:
+        """Stacked ``K_SS`` ``(N, N)`` of snapshot ``index`` (float64)."""
+        K = self._array(index, "K_SS")
         if K is None:
-            raise _incomplete(self._source.store, self._source.recs[k % len(self)], "K_SS")
+            raise _incomplete(self._source.store, self._source.recs[index % len(self)], "K_SS")
         return K
 
-    def cross_kernel(self, k: int) -> Tensor | None:
-        """Stacked ``K_QS`` ``(m p, N)`` of snapshot ``k``, or ``None`` without a test set."""
-        return self._array(k, "K_QS")
+    def cross_kernel(self, index: int) -> Tensor | None:
+        """Stacked ``K_QS`` ``(m p, N)`` of snapshot ``index``, or ``None`` without a test set."""
+        return self._array(index, "K_QS")
 
-    def hessian(self, k: int) -> Tensor:
-        """Loss-Hessian blocks ``B`` ``(n, p, p)`` of snapshot ``k``."""
-        B = self._array(k, "B")
+    def hessian(self, index: int) -> Tensor:
+        """Loss-Hessian blocks ``B`` ``(n, p, p)`` of snapshot ``index``."""
+        B = self._array(index, "B")
         if B is None:
-            raise _incomplete(self._source.store, self._source.recs[k % len(self)], "B")
+            raise _incomplete(self._source.store, self._source.recs[index % len(self)], "B")
         return B
 
-    def hessian_scale(self, k: int = 0) -> float | None:
-        """``b`` when the loss Hessian at snapshot ``k`` is ``b I`` (squared loss: ``1/n``), else
-        ``None``."""
-        B = self.hessian(k)
+    def hessian_scale(self, index: int = 0) -> float | None:
+        """``b`` when the loss Hessian at snapshot ``index`` is ``b I`` (squared loss: ``1/n``),
+        else ``None``."""
+        B = self.hessian(index)
         b = float(B[0, 0, 0])
         eye = torch.eye(self.p, dtype=B.dtype).expand_as(B)
         return b if torch.allclose(B, b * eye, rtol=1e-12, atol=0) else None
 
-    def preconditioner(self, k: int) -> Tensor | None:
-        """Flat diagonal preconditioner ``D`` ``(P,)`` of snapshot ``k``, if it was saved."""
-        return self._array(k, "D")
+    def preconditioner(self, index: int) -> Tensor | None:
+        """Flat diagonal preconditioner ``D`` ``(P,)`` of snapshot ``index``, if it was saved."""
+        return self._array(index, "D")
 
     def index_of_step(self, step: int) -> int:
         """The snapshot index taken at optimizer step ``step``.

@@ -221,8 +221,8 @@ def _min_norm(net: torch.nn.Module, data: Any, Y: torch.Tensor, Yc: torch.Tensor
     n = data.n
     KSS, KQS = K[:n * Y.reshape(n, -1).shape[1]], K[n * Y.reshape(n, -1).shape[1]:]
     with torch.no_grad():
-        u0, UQ0 = net(data.x), net(data.x_test)
-    jump = analytic_jump(KSS, u0, Y.reshape(n, -1), K_QS=KQS, U_Q0=UQ0)
+        u0, U_Q0 = net(data.x), net(data.x_test)
+    jump = analytic_jump(KSS, u0, Y.reshape(n, -1), K_QS=KQS, U_Q0=U_Q0)
     assert jump.U_Q is not None
     eps = (Y - Yc).reshape(-1)
     nt = min_norm_noise_transfer(KSS, KQS, eps)
