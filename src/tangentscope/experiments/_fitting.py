@@ -227,7 +227,7 @@ def summarize_cells(cfg: Any, rd: RunDir, curve: str,
     cells = add_speed(rd.cells(), rd.load_arrays(), curve, level_of,
                       higher_is_better=higher_is_better)
     agg = aggregate(cells, cfg.optimizers, metrics)
-    (rd.path / "table.md").write_text(table_markdown(agg, columns))
+    rd.write_text("table.md", table_markdown(agg, columns))
     summary: dict[str, Any] = {"seeds": seeds_of(cfg), "table": agg, "cells": cells}
     for name, row in agg.items():
         for m in headline:

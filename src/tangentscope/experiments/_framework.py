@@ -20,9 +20,11 @@ on the same directory (``--resume``), skip the cells ``rd.cells()`` already hold
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime as _dt
 import importlib
+import io
 import itertools
 import json
 import math
@@ -520,17 +522,16 @@ def compare_table(rd: RunDir, metrics: Sequence[str] | None = None) -> list[dict
                 continue
             rows.append({"setting": tag, "metric": m, "n": len(vals), **_quantiles(vals),
                          "seeds": sorted(r["seed"] for r in recs)})
-    import csv
-
-    with (rd.path / "table.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["setting", "metric", "n", "median", "q25", "q75",
-                                           "min", "max", "seeds"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "seeds": " ".join(map(str, r["seeds"]))})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["setting", "metric", "n", "median", "q25", "q75",
+                                        "min", "max", "seeds"], lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({**r, "seeds": " ".join(map(str, r["seeds"]))})
+    rd.write_text("table.csv", buf.getvalue())
     lines = ["| setting | metric | n | median | q25–q75 | min–max |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['metric']} | {r['n']} | {r['median']:.4g} | "
                      f"{r['q25']:.4g}–{r['q75']:.4g} | {r['min']:.4g}–{r['max']:.4g} |")
-    (rd.path / "table.md").write_text("\n".join(lines) + "\n")
+    rd.write_text("table.md", "\n".join(lines) + "\n")
     return rows

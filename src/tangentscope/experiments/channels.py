@@ -63,7 +63,20 @@ from ._harness import (
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Run configuration (``--field value`` on the command line)."""
+    """Run configuration (``--field value`` on the command line).
+
+    Attributes:
+        seed: seed of the data draw and of the network initialization.
+        width: hidden width of the float64 MLP ``1 → width → … → 1``.
+        depth: number of hidden layers of the MLP.
+        activation: hidden activation (relu, tanh, gelu, silu, softplus or sin).
+        steps: full-batch gradient-descent steps, all recorded by the kernel recorder.
+        spacing: kernel snapshot times: log-spaced (dense early) or every steps/snapshots.
+        discretization: rule turning the recorded kernels into the window operators (exp,
+            midpoint, gd: the recorded steps, euler).
+        split_mode: channel/reservoir split of W_S: relative (λ_j > threshold · λ_max),
+            absolute (λ_j > threshold) or gap (the largest eigenvalue ratio).
+    """
 
     seed: int = 0
     n: int = 48                      # training points
@@ -276,7 +289,7 @@ def plot(rd: RunDir) -> list[Path]:
                                 else None)
     out.append(save_figure(ax.figure, rd.figure_path("schedule")))
     if s.get("verdict"):
-        (rd.path / "verdict.txt").write_text(s["verdict"] + "\n")
+        rd.write_text("verdict.txt", s["verdict"] + "\n")
     return out
 
 

@@ -70,6 +70,38 @@ class Config:
     Task: prompts ``prefix + prompt_len`` symbols, responses ``response_len`` symbols; reward =
     number of response symbols equal to the prompt's first symbol. ``nontask_symbols`` are
     tokens in the vocabulary that never occur in the task.
+
+    Attributes:
+        n_seeds: number of seeds (each its own SFT reference, pairs and flip order).
+        noise_rates: preference flip rates swept, each in [0, 1) (exact fraction of pairs).
+        methods: LOSS+OPTIMIZER cells, LOSS in dpo/cdpo/rdpo and OPTIMIZER in adamw, gated
+            (streaming statistics), gated_exact (one pair per microbatch).
+        symbols: the task alphabet (single characters).
+        nontask_symbols: extra vocabulary characters the task never uses (their probability
+            mass is a metric).
+        prefix: the character that starts every prompt.
+        prompt_len: prompt symbols after the prefix.
+        response_len: response symbols (the reward counts matches with the first prompt symbol).
+        n_pairs: training preference pairs (a multiple of batch_size, at least two batches).
+        n_heldout: held-out clean pairs for the preference accuracy.
+        n_eval_prompts: prompts on which KL, non-task mass and reward of the policy are measured.
+        n_embd: width of the tiny GPT-2 policy/reference.
+        n_layer: transformer blocks of the tiny GPT-2.
+        n_head: attention heads of the tiny GPT-2.
+        sft_steps: AdamW steps of the supervised pretraining that makes the reference.
+        sft_batch: sequences per supervised pretraining step.
+        sft_lr: learning rate of the supervised pretraining.
+        beta: DPO's β (scale of the implicit reward β log π/π_ref).
+        lr: learning rate of the preference optimization.
+        weight_decay: decoupled weight decay of the preference optimizer.
+        epochs: passes over the training pairs.
+        batch_size: pairs per optimizer step.
+        max_grad_norm: gradient-norm clipping of the trainer (0 = off).
+        threshold: the gate's τ for the gated methods (1 = the leave-one-out rule).
+        gate_on: where the gate multiplies: the Adam update, the gradient entering the moments,
+            or the moment increments (docs/gate.md).
+        device: auto (a GPU when visible), cpu or cuda.
+        bf16: bf16 autocast in the trainer (GPU).
     """
 
     seed: int = 0                      # first seed; seeds are seed .. seed + n_seeds - 1
@@ -463,7 +495,7 @@ def summarize(cfg: Config, rd: RunDir) -> dict[str, Any]:
             summary[f"kl_ratio[{tag}]"] = c["kl_ratio_base_over_method"]["median"]
             summary[f"acc_gain_matched_kl_pts[{tag}]"] = c["acc_gain_points_matched_kl"]["median"]
     rd.save_arrays(**_arrays(cfg, cells))
-    (rd.path / "table.md").write_text(table_markdown(summary))
+    rd.write_text("table.md", table_markdown(summary))
     return summary
 
 

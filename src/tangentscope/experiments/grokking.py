@@ -478,7 +478,7 @@ def plot(rd: RunDir) -> list[Path]:
              cells[_cell_key(r["setting"], r["optimizer"], sd)]["steps_to_val"]
              for r in summary["table"] for sd in r["seeds"]}
     paths = grokking_figures(rd, summary, steps)
-    (rd.path / "table.md").write_text(table_markdown(summary))
+    rd.write_text("table.md", table_markdown(summary))
     return paths
 
 

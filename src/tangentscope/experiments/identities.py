@@ -37,7 +37,25 @@ PROTOCOLS = {"gd": "sgd", "sgd": "sgd", "adam": "adam"}
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Run configuration (``--field value``; tuples as ``a,b,c``)."""
+    """Run configuration (``--field value``; tuples as ``a,b,c``).
+
+    Attributes:
+        seed: seed of the data draw, the network initialization and the SGD batch order.
+        n: training points of the noisy 1-D regression.
+        n_test: test points for the test-displacement identity (evenly spaced).
+        noise: std of the label noise on corrupted points.
+        noise_fraction: fraction of training labels corrupted.
+        width: hidden width of the float64 MLP ``1 → width → … → 1``.
+        depth: number of hidden layers of the MLP.
+        activations: hidden activations, one run each (relu, tanh, gelu, silu, softplus, sin).
+        optimizers: training protocols: gd (full-batch), sgd (minibatches) and adam.
+        adam_lrs: Adam learning rates, one run each.
+        adam_precondition: kernel preconditioner of the Adam runs: adam (the next step's
+            1/(√v̂ + ε), current gradient included) and/or adam_state (the stored state only).
+        spacings: keep every k-th snapshot, one evaluation per k (coarser discretization).
+        discretizations: rules turning the recorded kernels into the window operators (exp,
+            midpoint, gd: the recorded steps, euler).
+    """
 
     seed: int = 0
     n: int = 24
@@ -115,7 +133,7 @@ def run(cfg: Config, rd: RunDir) -> dict[str, Any]:
                 rd.save_cell(key, {"rows": rows})
     rows = [r for c in rd.cells().values() for r in c["rows"]]
     table = convergence_table(rows, cfg.discretizations)
-    (rd.path / "table.md").write_text(table)
+    rd.write_text("table.md", table)
     best = {}
     for r in rows:
         if r["optimizer"] == "gd" and r["spacing"] == 1 and r["discretization"] == "midpoint":
@@ -160,7 +178,7 @@ def plot(rd: RunDir) -> list[Path]:
 
     rows = [r for c in rd.cells().values() for r in c["rows"]]
     disc = tuple(dict.fromkeys(r["discretization"] for r in rows))
-    (rd.path / "table.md").write_text(convergence_table(rows, disc))
+    rd.write_text("table.md", convergence_table(rows, disc))
     plt = pyplot()
     from matplotlib.ticker import NullFormatter
 
