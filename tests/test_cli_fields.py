@@ -91,6 +91,17 @@ def test_every_experiment_lists_all_its_fields():
             assert f"--{f.name} " in text, (name, f.name)
 
 
+def test_no_builtin_experiment_has_an_undocumented_field(capsys):
+    """Every field of every built-in experiment's Config has a meaning (its ``Attributes:``
+    entry or its line comment), so ``tangentscope list EXP`` never shows "(undocumented)"."""
+    gaps = {name: [f.name for f in config_fields(exp.config) if not f.meaning.strip()]
+            for name, exp in list_experiments().items()}
+    assert {k: v for k, v in gaps.items() if v} == {}
+    for name in list_experiments():
+        assert main(["list", name]) == 0
+        assert "(undocumented)" not in capsys.readouterr().out, name
+
+
 def test_progress_lines_with_an_eta_when_not_a_terminal(monkeypatch, capsys):
     monkeypatch.delenv("TANGENTSCOPE_PROGRESS", raising=False)
     clock = itertools.count(0.0, 2.0)                   # every item takes 2 s

@@ -36,6 +36,7 @@ from .kernels import (
                        StructuredPlan,
                        adam_preconditioner,
                        entk,
+                       entk_fn,
                        entk_topk,
                        estimate_memory,
                        flatten_kernel,
@@ -53,9 +54,9 @@ __all__ = [
     # subpackages
     "data", "derivatives", "dynamics", "kernels", "linalg", "losses", "models", "optim",
     # kernels
-    "entk", "estimate_memory", "select_implementation", "flatten_kernel", "unflatten_kernel",
-    "functionalize", "FunctionalModel", "EntkOperator", "entk_topk", "lanczos_topk",
-    "Eigenpairs", "adam_preconditioner", "StructuredPlan", "structured_plan",
+    "entk", "entk_fn", "estimate_memory", "select_implementation", "flatten_kernel",
+    "unflatten_kernel", "functionalize", "FunctionalModel", "EntkOperator", "entk_topk",
+    "lanczos_topk", "Eigenpairs", "adam_preconditioner", "StructuredPlan", "structured_plan",
     # dynamics
     "KernelRecorder", "KernelTrajectory", "window_operators", "split_channels", "FlowSolution",
     "analytic_jump", "eigh_kernel", "integrate_flow", "squared_loss_flow",

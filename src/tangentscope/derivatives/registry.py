@@ -4,20 +4,29 @@ The structured eNTK looks recorded *function* calls up (:func:`rule_for_function
 :class:`~tangentscope.optim.stats.PerExampleStats` looks *modules* up
 (:func:`rule_for_module`, by the first registered class in the module's MRO). A layer is added
 once, for both, with :func:`register_rule`.
+
+Hugging Face layers (:mod:`.hf`: GPT-2's ``Conv1D``, Llama/Mistral/Qwen2 RMSNorm) are added
+lazily: a module lookup registers those whose ``transformers`` module is already imported (this
+package never imports ``transformers``), unless the user registered or removed a rule for that
+class.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .addmm import AddmmRule
 from .base import LayerRule
 from .conv import ConvRule
 from .embedding import EmbeddingRule
+from .hf import LAZY_RULES
 from .linear import LinearRule
 from .norm import BatchNormRule, GroupNormRule, LayerNormRule, RMSNormRule
 
@@ -26,6 +35,8 @@ __all__ = ["register_rule", "rule_for_function", "rule_for_module", "registered_
 _LOCK = threading.Lock()
 _FUNCTIONS: dict[Any, LayerRule] = {}
 _MODULES: dict[type, LayerRule] = {}
+_LAZY_LEFT = list(LAZY_RULES)   # Hugging Face classes not looked up yet
+_USER: set[Any] = set()         # targets the user registered or removed: never overridden
 
 
 def register_rule(target: type[nn.Module] | Callable[..., Any], rule: LayerRule | None
@@ -68,6 +79,9 @@ def register_rule(target: type[nn.Module] | Callable[..., Any], rule: LayerRule 
 
         register_rule(Scale, ScaleRule())  # PerExampleStats(model) now covers Scale
 
+    Hugging Face layers: a rule for your own copy of a supported layer is one line, e.g.
+    ``register_rule(MyRMSNorm, HFRMSNormRule())`` (:mod:`tangentscope.derivatives.hf`).
+
     Raises:
         TypeError: ``rule`` is not a LayerRule, or ``target`` is neither.
     """
@@ -80,10 +94,31 @@ def register_rule(target: type[nn.Module] | Callable[..., Any], rule: LayerRule 
             table = _FUNCTIONS
         else:
             raise TypeError(f"target must be an nn.Module subclass or a function, got {target!r}")
-        if rule is None:
-            table.pop(target, None)
-        else:
-            table[target] = rule
+        _set(table, target, rule)
+        _USER.add(target)
+
+
+def _set(table: dict[Any, LayerRule], target: Any, rule: LayerRule | None) -> None:
+    if rule is None:
+        table.pop(target, None)
+    else:
+        table[target] = rule
+
+
+def _load_lazy() -> None:
+    """Register the Hugging Face rules whose ``transformers`` module is imported by now."""
+    if not _LAZY_LEFT:
+        return
+    with _LOCK:
+        for entry in list(_LAZY_LEFT):
+            mod = sys.modules.get(entry[0])
+            if mod is None:
+                continue
+            cls = getattr(mod, entry[1], None)
+            if isinstance(cls, type) and issubclass(cls, nn.Module):  # (None: still importing)
+                _LAZY_LEFT.remove(entry)
+                if cls not in _USER:
+                    _MODULES.setdefault(cls, entry[2]())
 
 
 def rule_for_function(func: Any) -> LayerRule | None:
@@ -96,6 +131,7 @@ def rule_for_function(func: Any) -> LayerRule | None:
 
 def rule_for_module(module: nn.Module) -> LayerRule | None:
     """The rule of the nearest registered class in ``type(module).__mro__`` (None if none)."""
+    _load_lazy()
     for cls in type(module).__mro__:
         rule = _MODULES.get(cls)
         if rule is not None:
@@ -105,6 +141,7 @@ def rule_for_module(module: nn.Module) -> LayerRule | None:
 
 def registered_modules() -> tuple[type, ...]:
     """Module types with a rule (what :class:`PerExampleStats` has closed forms for)."""
+    _load_lazy()
     return tuple(_MODULES)
 
 
@@ -116,14 +153,14 @@ def _register_builtin() -> None:
         (F.linear, linear), (nn.Linear, linear), (F.conv1d, conv1), (nn.Conv1d, conv1),
         (F.conv2d, conv2), (nn.Conv2d, conv2), (F.embedding, emb), (nn.Embedding, emb),
         (F.layer_norm, ln), (nn.LayerNorm, ln), (F.group_norm, gn), (nn.GroupNorm, gn),
-        (F.batch_norm, bn), (nn.modules.batchnorm._BatchNorm, bn)]
+        (F.batch_norm, bn), (nn.modules.batchnorm._BatchNorm, bn), (torch.addmm, AddmmRule())]
     if hasattr(F, "rms_norm"):
         rms = RMSNormRule()
         pairs.append((F.rms_norm, rms))
         if hasattr(nn, "RMSNorm"):
             pairs.append((nn.RMSNorm, rms))
     for target, rule in pairs:
-        register_rule(target, rule)
+        _set(_FUNCTIONS if not isinstance(target, type) else _MODULES, target, rule)
 
 
 _register_builtin()

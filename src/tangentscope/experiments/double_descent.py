@@ -85,6 +85,10 @@ class Config:
         log_every: steps between logged train/test errors.
         operators: record kernels and run the channel analysis where ``n p <=
             max_operator_dim`` for the optimizers in ``operator_optimizers``.
+        operator_optimizers: the optimizers whose runs get the kernel recording and channel
+            analysis (when ``operators`` is on and the loss is squared).
+        max_operator_dim: largest ``n p`` (training points × outputs) analysed; larger runs
+            skip the recording.
         snapshot_every, log_snapshots, n_probe, threshold, discretization, timeline: recorder and
             analysis settings (see :mod:`tangentscope.experiments.benign_overfitting`).
         min_norm: also evaluate the ``t = ∞`` min-norm fit of the initial eNTK.

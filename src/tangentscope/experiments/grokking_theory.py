@@ -68,7 +68,9 @@ _MIGRATION = ("target_in_channel_K", "target_in_channel_W", "final_function_in_c
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Attributes:
+    """Grokking-theory run: does the target move into the signal channel as validation rises.
+
+    Attributes:
         seed, n_seeds: seeds ``seed … seed + n_seeds − 1``, one run each.
         setting: a :data:`tangentscope.experiments.grokking.SETTINGS` name (an MLP setting).
         optimizer: a grokking optimizer name (``adamw``, ``gated``, …).

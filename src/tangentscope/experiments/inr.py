@@ -97,10 +97,13 @@ class Config:
         seed, n_seeds: seeds ``seed … seed + n_seeds − 1``; a seed fixes the noise, the
             held-out pixels and the initialisation (shared by all optimizers: paired runs).
         optimizers: names from :data:`OPTIMIZERS`.
-        size: image side (divides 512). sigma: noise std on the ``[−1, 1]`` scale.
+        size: image side (divides 512).
+        sigma: noise std on the ``[−1, 1]`` scale.
         width, hidden_layers, omega_0: the SIREN (ω₀ for every layer).
-        lr, weight_decay: AdamW's (same for every optimizer). threshold: the gate's ``τ``.
-        steps: optimizer steps. eval_every: steps between evaluations.
+        lr, weight_decay: AdamW's (same for every optimizer).
+        threshold: the gate's ``τ``.
+        steps: optimizer steps.
+        eval_every: steps between evaluations.
         batch_size: pixels per step, drawn without replacement each step (0 = every pixel:
             full batch, the SIREN paper's setting).
         holdout_fraction: pixels held out for ``adamw-es``.

@@ -56,6 +56,7 @@ class Config:
 
     Attributes:
         seed: first seed; ``n_seeds`` consecutive seeds are run.
+        n_seeds: number of consecutive seeds (one run per seed and optimizer).
         task: one of ``regression``, ``digits``, ``modular`` or ``all``.
         steps, eval_every, batch_size, lr: training length, held-out evaluation interval,
             minibatch size (sampled without replacement within an epoch), AdamW learning rate

@@ -5,10 +5,12 @@ Output-space losses live in :mod:`tangentscope.losses`.
 
 from .entk import (
     IMPLEMENTATIONS,
+    EntkFn,
     Implementation,
     ImplementationChoice,
     MemoryEstimate,
     entk,
+    entk_fn,
     estimate_memory,
     flatten_kernel,
     select_implementation,
@@ -20,8 +22,8 @@ from .precondition import adam_preconditioner
 from .structured import StructuredPlan, structured_plan
 
 __all__ = [
-    "entk", "estimate_memory", "select_implementation", "Implementation",
-    "ImplementationChoice", "MemoryEstimate", "IMPLEMENTATIONS", "flatten_kernel",
+    "entk", "entk_fn", "EntkFn", "estimate_memory", "select_implementation",
+    "Implementation", "ImplementationChoice", "MemoryEstimate", "IMPLEMENTATIONS", "flatten_kernel",
     "unflatten_kernel", "FunctionalModel", "functionalize", "EntkOperator", "Eigenpairs",
     "entk_topk", "lanczos_topk", "adam_preconditioner", "StructuredPlan", "structured_plan",
 ]

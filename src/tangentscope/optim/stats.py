@@ -9,7 +9,8 @@ variance ``ν = Var[ĝ]`` (:func:`~tangentscope.optim.transforms.noise_variance`
 * :class:`PerExampleStats` — exact, per-example, from the closed forms of the derivative
   rules (:mod:`tangentscope.derivatives`: ``Linear``, ``Embedding``, ``Conv1d/2d`` with groups
   and any padding mode, ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, eval-mode ``BatchNorm``,
-  and layers added with :func:`~tangentscope.derivatives.register_rule`): the per-parameter
+  Hugging Face's GPT-2 ``Conv1D`` and Llama/Mistral/Qwen2 RMSNorm (once ``transformers`` is
+  imported), layers added with :func:`~tangentscope.derivatives.register_rule`): per parameter
   ``Σ_i c_i²`` from each layer's inputs and output gradients (BackPACK's SumGradSquared idea),
   without materializing per-example gradients where a closed form exists (a Linear layer
   applied once per example: ``Σ_i c_i² = (δ²)ᵀ(a²)``). Tied or reused weights are summed per
@@ -207,7 +208,8 @@ class PerExampleStats(StatsSource):
             ``p.grad`` for every parameter (catches weights used outside their module, e.g. a
             tied head via ``F.linear``), raising :class:`UnsupportedModelError` if not. The
             tolerance follows the compute dtype (autocast included), with a rounding floor
-            for gradients that vanish analytically.
+            for gradients that vanish analytically (BERT's attention key bias); a mismatch of
+            rounding size is reported as such, not as a weight used outside its module.
         pair_limit: sequence inputs with ``L(L+1)/2 ≤ pair_limit`` use the one-matmul pair
             expansion instead of materializing per-example weight gradients.
         chunk_bytes: working-memory cap for materialized per-example gradients of one layer;
