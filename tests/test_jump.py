@@ -9,11 +9,18 @@ import torch
 from torch import nn
 
 import tangentscope as ts
-from tangentscope.dynamics.jump import JumpSchedule, apply_jump, parameter_jump
-from tangentscope.errors import ConfigError
+from tangentscope.dynamics.jump import (
+    JumpSchedule,
+    LevenbergMarquardt,
+    apply_jump,
+    displacement_error,
+    linearized_outputs,
+    parameter_jump,
+)
+from tangentscope.errors import ConfigError, ShapeError
 
 
-def _linear(d: int = 6, p: int = 1, seed: int = 0) -> nn.Module:
+def _linear(d: int = 6, p: int = 1, seed: int = 0) -> nn.Linear:
     torch.manual_seed(seed)
     return nn.Linear(d, p, bias=False).double()
 
@@ -124,3 +131,102 @@ def test_bad_arguments_name_the_fix():
         parameter_jump(model, x, y, t=1.0, damping=1.0)
     with pytest.raises(ConfigError, match="every"):
         JumpSchedule(model, x, y, every=0)
+
+
+def test_linearized_outputs_and_displacement_error_on_a_linear_model():
+    # f linear in w: the linearized prediction on other inputs is exact, the error 0
+    model = _linear(d=8)
+    x, y = _data(n=5, d=8)
+    x_test = torch.randn(7, 8, dtype=torch.float64)
+    jump = parameter_jump(model, x, y, k=5, t=2.0)
+    before_test = model(x_test).detach()
+    pred_test = linearized_outputs(model, jump, x_test)
+    apply_jump(model, jump)
+    after_test = model(x_test).detach()
+    assert torch.allclose(pred_test, after_test, atol=1e-12, rtol=0)
+    assert displacement_error(before_test, pred_test, after_test) < 1e-10
+    # the ratio itself, by hand
+    b, p, a = torch.zeros(3, 1), torch.ones(3, 1), torch.full((3, 1), 1.5)
+    assert displacement_error(b, p, a) == pytest.approx(0.5)
+    with pytest.raises(ShapeError, match="same inputs"):
+        displacement_error(b, p, a[:2])
+
+
+def test_preconditioned_jump_is_the_min_norm_step_in_the_inverse_metric():
+    # K = X D Xᵀ: the t = ∞ jump is w₀ − D Xᵀ (X D Xᵀ)⁻¹ (X w₀ − y) (n < d, K full rank)
+    model = _linear(d=8)
+    x, y = _data(n=5, d=8)
+    D = torch.linspace(0.2, 3.0, 8, dtype=torch.float64).reshape(1, 8)
+    w0 = model.weight.detach().clone()
+    jump = parameter_jump(model, x, y, k=5, precondition={"weight": D})
+    apply_jump(model, jump)
+    XD = x * D
+    want = w0 - (XD.T @ torch.linalg.solve(XD @ x.T, x @ w0.T - y)).T
+    assert torch.allclose(model.weight, want, atol=1e-10, rtol=0)
+
+
+def test_levenberg_marquardt_step_on_a_linear_model():
+    # S = K/n: the damped step is Δw = −Xᵀ (X Xᵀ + n μ I)⁻¹ r; on a linear model the gain
+    # ratio is 1, so the step is accepted and Nielsen's rule divides μ by 3
+    model = _linear(d=8)
+    x, y = _data(n=5, d=8)
+    w0 = model.weight.detach().clone()
+    lm = LevenbergMarquardt(model, x, y, k=5, damping=0.1)
+    info = lm.step()
+    assert info.accepted and len(info.trials) == 1
+    assert info.gain_ratio == pytest.approx(1.0, abs=1e-9)
+    r = x @ w0.T - y
+    want = w0 - (x.T @ torch.linalg.solve(x @ x.T + 5 * info.damping * torch.eye(5,
+                                                                             dtype=x.dtype),
+                                          r)).T
+    assert torch.allclose(model.weight, want, atol=1e-10, rtol=0)
+    assert lm.mu == pytest.approx(info.damping / 3)
+    assert info.loss_after == pytest.approx(info.predicted_loss, abs=1e-14)
+    assert info.loss_after < info.loss_before
+    state = lm.state_dict()
+    other = LevenbergMarquardt(model, x, y, k=5)
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+
+
+def _tanh_regression():
+    torch.manual_seed(0)
+    model = ts.models.mlp(1, 8, 2, 1, activation="tanh").double()
+    d = ts.data.noisy_1d_regression(24, 0.3, n_test=8, seed=0, dtype=torch.float64)
+    return model, d.x, d.y
+
+
+def test_guarded_schedule_reverts_a_jump_that_raised_the_loss():
+    # the t = ∞ jump of a narrow tanh net asks for a move far outside the linear regime
+    model, x, y = _tanh_regression()
+    w0 = {n: q.detach().clone() for n, q in model.named_parameters()}
+    sched = JumpSchedule(model, x, y, every=1, k=8, guard=True)
+    sched.jump_now()
+    rec = sched.history[0]
+    assert rec.loss_after > rec.loss_before > rec.predicted_loss
+    assert not rec.accepted and rec.displacement_error > 1.0
+    for n, q in model.named_parameters():
+        assert torch.equal(q, w0[n])
+    # a short horizon λ₁t = 1 stays close to the linearization and is kept
+    short = JumpSchedule(model, x, y, every=1, k=8, horizon=1.0, guard=True)
+    jump = short.jump_now()
+    assert jump.t == pytest.approx(1.0 / float(jump.eigenvalues[0]))
+    assert short.history[0].accepted and short.history[0].displacement_error < 0.1
+
+
+def test_schedule_with_the_adam_preconditioner_uses_the_optimizers_state():
+    model, x, y = _tanh_regression()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(3):
+        opt.zero_grad()
+        (0.5 * ((model(x) - y) ** 2).mean()).backward()
+        opt.step()
+    want = parameter_jump(model, x, y, k=4, t=0.5,
+                          precondition=ts.adam_preconditioner(opt, model))
+    sched = JumpSchedule(model, x, y, every=1, k=4, t=0.5, optimizer=opt,
+                         precondition="adam")
+    got = sched.jump_now()
+    for n in want.delta:
+        assert torch.allclose(got.delta[n], want.delta[n], atol=1e-12, rtol=0)
+    with pytest.raises(ConfigError, match="optimizer"):
+        JumpSchedule(model, x, y, every=1, precondition="adam")

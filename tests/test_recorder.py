@@ -383,3 +383,160 @@ def test_the_estimate_gets_the_arguments_entk_gets(monkeypatch):
     assert (s_x1, s_x2) == (e_x1, e_x2) == ((10, 3), (6, 3))
     assert s_kw == {k for k in e_kw if k in accepted or "kwargs" in accepted}
     assert {"implementation", "chunk_size", "dtype"} <= s_kw
+
+
+# -- checkpoint storage: one recorder, two storages -----------------------------------------
+def _two_storage_run(tmp_path, loss, opt_name, steps=9):
+    """One run recorded twice on the same optimizer: kernels in memory, checkpoints on disk."""
+    from tangentscope.dynamics.matfree_record import checkpoint_path
+
+    g = torch.Generator().manual_seed(3)
+    n, m, p = 10, 5, 3
+    x, xq = torch.randn(n, 3, generator=g, dtype=F64), torch.randn(m, 3, generator=g, dtype=F64)
+    if loss == "cross_entropy":
+        y, yq = torch.randint(0, p, (n,), generator=g), torch.randint(0, p, (m,), generator=g)
+    else:
+        y, yq = torch.randn(n, p, generator=g, dtype=F64), torch.randn(m, p, generator=g,
+                                                                         dtype=F64)
+    torch.manual_seed(0)
+    model = make_mlp(p, width=8)
+    sched = None
+    if opt_name == "adam":
+        head = list(model[-1].parameters())
+        body = [q for q in model.parameters() if all(q is not h for h in head)]
+        opt = torch.optim.Adam([{"params": body}, {"params": head, "lr": 0.01}], lr=0.02)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.4)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 4, gamma=0.5)
+    kw = {"loss": loss, "x_test": xq, "y_test": yq, "optimizer": opt, "schedule": every(3),
+          "verbose": False, "total_steps": steps}
+    rec_k = KernelRecorder(model, x, y, save_preconditioner=True, **kw)
+    rec_c = KernelRecorder(model, x, y, storage="checkpoint", run_dir=tmp_path / "ck", **kw)
+    L = ts.losses.get_loss(loss)
+    for _ in range(steps):
+        opt.zero_grad()
+        L.value(model(x), y).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    rec_k.close()
+    rec_c.close()
+    return rec_k.trajectory(), checkpoint_path(tmp_path / "ck", model), rec_c
+
+
+@pytest.mark.parametrize("loss,opt_name", [("squared", "sgd"), ("cross_entropy", "adam")])
+def test_checkpoint_storage_maps_equal_the_dense_operators_of_the_same_run(tmp_path, loss,
+                                                                          opt_name):
+    from tangentscope.dynamics import window_operators
+    from tangentscope.dynamics.matfree import DISCRETIZATIONS, MatrixFreeOperators
+
+    traj, path, rec = _two_storage_run(tmp_path, loss, opt_name)
+    assert len(path) == len(traj) == 4 and rec.num_snapshots == 4
+    np.testing.assert_array_equal(path.steps, traj.steps)
+    np.testing.assert_allclose(path.times, traj.times, rtol=1e-15)
+    for k in range(len(traj)):
+        torch.testing.assert_close(path.u(k), traj.u[k], rtol=1e-13, atol=1e-14)
+        assert np.asarray(path.dts[k]).tolist() == pytest.approx(traj.dts[k].tolist())
+    recs = rec.store.records("checkpoint")
+    np.testing.assert_allclose([r["loss"] for r in recs], traj.loss, rtol=1e-12)
+    np.testing.assert_allclose([r["test_loss"] for r in recs], traj.test_loss, rtol=1e-12)
+    np.testing.assert_allclose([r["lr"] for r in recs], traj.lrs, rtol=0)
+    V = torch.randn(traj.N, 3, dtype=F64, generator=torch.Generator().manual_seed(4))
+    worst = 0.0
+    for disc in DISCRETIZATIONS:
+        ref = window_operators(traj, discretization=disc)
+        r = MatrixFreeOperators(path, discretization=disc).apply(
+            V, transfer=True, quadratic=True, gramian=True)
+        for got, want in ((r.PV, ref.P @ V), (r.GV, ref.G @ V), (r.WV, ref.W @ V),
+                          (r.VWV, V.T @ ref.W @ V)):
+            worst = max(worst, float((got - want).norm() / want.norm()))
+    assert worst <= 1e-8                             # measured ~1e-13
+
+
+def test_checkpoint_storage_size_estimate_and_readers_that_need_kernels(tmp_path, capsys):
+    x, y, xq, _ = _data()
+    model = make_mlp(2)
+    P = sum(q.numel() for q in model.parameters())
+    rec = KernelRecorder(model, x, y, x_test=xq, schedule=every(5), total_steps=100,
+                         run_dir=tmp_path / "c", storage="checkpoint")
+    out = capsys.readouterr().out
+    per = 8 * (P + (6 + 4) * 2) + 4096                  # O(P + N) per snapshot, no N²
+    assert "checkpoint storage" in out and "21 snapshots" in out
+    assert ts._utils.format_bytes(per) in out
+    assert rec.estimate["bytes_per_snapshot"] == per
+    with pytest.raises(ConfigError, match="storage='checkpoint'"):
+        KernelTrajectory.load(tmp_path / "c")
+    with pytest.raises(ConfigError, match="kernel_path"):
+        rec.trajectory()
+    with pytest.raises(ConfigError, match="storage must be"):
+        KernelRecorder(model, x, y, storage="dense", verbose=False)
+    with pytest.raises(ConfigError, match="do not apply"):
+        KernelRecorder(model, x, y, storage="checkpoint", verbose=False,
+                       entk_options={"implementation": "jacobian"})
+    with pytest.raises(ConfigError, match="run_dir=None"):
+        KernelRecorder(model, x, y, storage="checkpoint", keep_last=2, run_dir=tmp_path / "d",
+                       verbose=False)
+    from tangentscope.dynamics.matfree_record import checkpoint_path
+
+    KernelRecorder(model, x, y, run_dir=tmp_path / "k", verbose=False)
+    with pytest.raises(ConfigError, match="storage='kernel'"):
+        checkpoint_path(tmp_path / "k", model)
+
+
+def test_checkpoint_recording_resumed_after_a_kill_loses_only_the_checkpoint_in_flight(
+        tmp_path):
+    from tangentscope.dynamics.matfree import MatrixFreeOperators
+    from tangentscope.dynamics.matfree_record import checkpoint_path
+
+    x, y, xq, _ = _data()
+
+    def run(run_dir, steps, kill_after=None):
+        torch.manual_seed(0)
+        model = make_mlp(2)
+        opt = torch.optim.Adam(model.parameters(), lr=0.02)
+        saved = {}
+
+        def keep(index, step):
+            saved[step] = (copy_state(model), copy_state(opt))
+
+        rec = KernelRecorder(model, x, y, x_test=xq, optimizer=opt, schedule=every(2),
+                             run_dir=run_dir, storage="checkpoint", on_snapshot=keep,
+                             verbose=False)
+        for s in range(steps if kill_after is None else kill_after):
+            _sgd_step(model, opt, x, y)
+        rec.close(final=kill_after is None)
+        return model, opt, saved
+
+    def copy_state(obj):
+        import copy
+
+        return copy.deepcopy(obj.state_dict())
+
+    ref_model, _, _ = run(tmp_path / "ref", 8)
+    model, opt, saved = run(tmp_path / "cut", 8, kill_after=6)
+    # the kill: the snapshot at step 6 was being written -- its file is in place, its index
+    # line cut in half -- and a temporary of the next is left behind
+    index = tmp_path / "cut" / "index.jsonl"
+    lines = index.read_bytes().splitlines(keepends=True)
+    index.write_bytes(b"".join(lines[:-1]) + lines[-1][:len(lines[-1]) // 2])
+    (tmp_path / "cut" / "snapshots" / "000009.npz.tmp").write_bytes(b"partial")
+    path = checkpoint_path(tmp_path / "cut", model)
+    assert path.steps.tolist() == [0, 2, 4]                 # only step 6 was lost
+    model.load_state_dict(saved[4][0])
+    opt.load_state_dict(saved[4][1])
+    rec = KernelRecorder(model, x, y, x_test=xq, optimizer=opt, schedule=every(2),
+                         run_dir=tmp_path / "cut", storage="checkpoint", resume=True,
+                         verbose=False)
+    assert rec.step_count == 4
+    for _ in range(4):
+        _sgd_step(model, opt, x, y)
+    rec.close()
+    got, want = checkpoint_path(tmp_path / "cut", model), checkpoint_path(tmp_path / "ref",
+                                                                            ref_model)
+    assert got.steps.tolist() == want.steps.tolist() == [0, 2, 4, 6, 8]
+    np.testing.assert_allclose(got.times, want.times, rtol=1e-15)
+    V = torch.randn(got.N, 2, dtype=F64, generator=torch.Generator().manual_seed(2))
+    a = MatrixFreeOperators(got, discretization="gd").apply(V, gramian=True, transfer=True)
+    b = MatrixFreeOperators(want, discretization="gd").apply(V, gramian=True, transfer=True)
+    assert float((a.WV - b.WV).norm() / b.WV.norm()) < 1e-12
+    assert float((a.GV - b.GV).norm() / b.GV.norm()) < 1e-12

@@ -1,9 +1,10 @@
 """Collect parameter checkpoints during training, and streaming probes.
 
-:class:`CheckpointCollector` is the in-memory, checkpoint-storage counterpart of
-``KernelRecorder``: it hooks ``optimizer.step()``, keeps ``O(P)`` floats per snapshot (the
-trainable parameters, the buffers and the diagonal preconditioner ``D``) instead of an ``N × N``
-kernel, and hands them to :class:`~tangentscope.dynamics.matfree_path.CheckpointKernelPath`.
+:class:`CheckpointCollector` is ``KernelRecorder(..., storage="checkpoint")`` in memory (the
+recorder is the one implementation): it hooks ``optimizer.step()``, keeps ``O(P + N)`` floats
+per snapshot (parameters, buffers, the diagonal preconditioner ``D``, outputs) instead of an
+``N × N`` kernel, and hands them to
+:class:`~tangentscope.dynamics.matfree_checkpoint.CheckpointKernelPath`.
 
 :class:`StreamingProbes` propagates a few chosen vectors ``ξ`` through the run *online*: it
 keeps the last two checkpoints only and, at each snapshot, applies the interval just finished
@@ -14,7 +15,6 @@ known as training runs, with ``O(P + N · c)`` memory.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -22,38 +22,37 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._utils import default_memory_budget, format_bytes, parse_bytes
-from ..errors import ConfigError, KernelTooLargeError
-from ..losses import OutputLoss
+from ..errors import ConfigError
 from .matfree import Discretization, MatrixFreeOperators
 from .matfree_checkpoint import CheckpointKernelPath
-from .matfree_path import CheckpointState, MemoryCheckpoints, capture_state
-from .schedule import Schedule, every
+from .matfree_record import StoreCheckpoints
+from .recorder import KernelRecorder
 
 __all__ = ["CheckpointCollector", "StreamingProbes", "ProbeHistory"]
 
 
 class CheckpointCollector:
-    """Collect :class:`MemoryCheckpoints` during a training loop (the matrix-free counterpart of
-    ``KernelRecorder``: ``O(P)`` floats per snapshot instead of ``O(N²)``).
+    """An in-memory checkpoint recording under its own name: a thin entry point over
+    ``KernelRecorder(..., storage="checkpoint", run_dir=None)`` (one recorder, two storages;
+    :mod:`~tangentscope.dynamics.recorder`), with :meth:`checkpoints` and :meth:`path`.
 
-    Hooks ``optimizer.step()`` like the recorder; training time advances by
-    ``lr × loss_scale`` per step (``lr`` of the first parameter group). For Adam-like optimizers
-    (``precondition='auto'``/``'adam'``) ``D = 1/(√v̂_{t+1} + ε)`` is the factor Adam's *next*
-    step will use with the full-batch gradient (as the dense recorder forms it), times the
-    per-group ratio ``lr_g / lr_0``.
+    Keeps ``O(P + N)`` floats per snapshot (parameters, buffers, the preconditioner ``D``,
+    ``u``, ``U_Q``) in a :class:`~tangentscope.dynamics.store.MemoryStore`. To stream to disk
+    with crash/resume guarantees, use ``KernelRecorder(..., storage="checkpoint",
+    run_dir=...)`` and :func:`~tangentscope.dynamics.matfree_record.checkpoint_path`.
 
     Args:
-        model, x_train, y_train, loss, x_test, y_test, optimizer, schedule, loss_scale, dtype,
-        attach: as ``KernelRecorder`` (``x_train``/``x_test`` are this rank's shards with
-            ``group``).
-        total_steps: planned optimizer steps, for the memory check.
-        precondition: ``'auto'``, ``'adam'`` or ``None``.
-        keep_last: keep only the newest ``keep_last`` snapshots (streaming probes); ``None``
-            keeps all.
+        model, x_train, y_train: as ``KernelRecorder`` (and every keyword it takes: ``loss``,
+            ``x_test``, ``y_test``, ``optimizer``, ``schedule``, ``total_steps``,
+            ``precondition``, ``loss_scale``, ``dtype``, ``attach``).
+        keep_last: keep only the newest ``keep_last`` (>= 2) snapshots; ``None`` keeps all.
         on_snapshot: ``fn(collector, index)`` after each snapshot.
-        memory_budget: bytes the kept states may use (default: half the free RAM).
+        memory_budget: bytes the kept states (and one product's activations) may use
+            (default: half the free RAM).
         chunk_size, group: as :class:`CheckpointKernelPath`.
+
+    Attributes:
+        recorder: the :class:`KernelRecorder` doing the work.
 
     Raises:
         KernelTooLargeError: the planned states do not fit ``memory_budget``.
@@ -61,185 +60,47 @@ class CheckpointCollector:
     """
 
     def __init__(self, model: nn.Module, x_train: Tensor, y_train: Tensor, *,
-                 loss: str | OutputLoss = "squared", x_test: Tensor | None = None,
-                 y_test: Tensor | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 schedule: Schedule | None = None, total_steps: int | None = None,
-                 precondition: str | None = "auto", loss_scale: float = 1.0,
-                 dtype: torch.dtype = torch.float64, attach: bool = True,
                  keep_last: int | None = None,
                  on_snapshot: Callable[[CheckpointCollector, int], Any] | None = None,
                  memory_budget: int | str | None = None, chunk_size: int | None = None,
-                 group: Any = None):
-        if not (loss_scale > 0 and math.isfinite(loss_scale)):
-            raise ConfigError(f"loss_scale must be a positive number, got {loss_scale!r}")
-        self.model, self.optimizer = model, optimizer
-        self.loss_scale, self.dtype = loss_scale, dtype
-        self.schedule = schedule if schedule is not None else every(10)
-        self.keep_last, self.on_snapshot = keep_last, on_snapshot
-        in_opt = None if optimizer is None else {id(q) for g in optimizer.param_groups
-                                                 for q in g["params"]}
-        self.names = [k for k, v in model.named_parameters() if v.requires_grad
-                      and (in_opt is None or id(v) in in_opt)]
-        if not self.names:
-            raise ConfigError("no trainable parameters to checkpoint (pass the optimizer that "
-                              "trains this model)")
-        self.precondition = _resolve(precondition, optimizer)
-        self.args = {"x_train": x_train, "y_train": y_train, "loss": loss, "x_test": x_test,
-                     "y_test": y_test, "chunk_size": chunk_size, "dtype": dtype, "group": group}
-        named = dict(model.named_parameters())
-        per = sum(named[k].numel() for k in self.names) * (2 if self.precondition else 1)
-        per = per * torch.empty((), dtype=dtype).element_size() + sum(
-            b.numel() * b.element_size() for b in model.buffers())
-        planned = self.schedule.planned(total_steps)
-        count = keep_last if keep_last is not None else planned
-        budget = (default_memory_budget() if memory_budget is None
-                  else parse_bytes(memory_budget))
-        if count is not None and per * count > budget:
-            raise KernelTooLargeError(
-                f"{count} checkpoints × {format_bytes(per)} = {format_bytes(per * count)} do not "
-                f"fit the memory budget {format_bytes(budget)}: snapshot less often (every(k) "
-                "with a larger k), pass keep_last=, use dtype=torch.float32, or raise "
-                "memory_budget=")
-        self._states: list[CheckpointState] = []
-        self._times: list[float] = []
-        self._steps: list[int] = []
-        self._dts: list[np.ndarray] = []
-        self._step, self._time = 0, 0.0
-        self._pending: list[float] = []
-        self._dropped = 0
-        self._hook = None
-        if optimizer is not None and attach:
-            self._hook = optimizer.register_step_post_hook(self._on_optimizer_step)
-        self.snapshot()
-
-    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        self._advance(float(optimizer.param_groups[0]["lr"]))
+                 group: Any = None, **recorder: Any):
+        opts = {k: v for k, v in (("memory_budget", memory_budget), ("chunk_size", chunk_size))
+                if v is not None}
+        recorder.setdefault("verbose", False)
+        self.recorder = KernelRecorder(model, x_train, y_train, storage="checkpoint",
+                                       keep_last=keep_last, group=group, entk_options=opts,
+                                       **recorder)
+        if on_snapshot is not None:       # attached now, so the first call sees the recorder
+            self.recorder.on_snapshot = lambda index, step: on_snapshot(self, index)
+            on_snapshot(self, 0)
 
     @property
     def num_snapshots(self) -> int:
         """Snapshots taken so far (including dropped ones with ``keep_last``)."""
-        return self._dropped + len(self._states)
+        return self.recorder.num_snapshots
 
     def step(self, lr: float | None = None) -> bool:
         """Advance one optimizer step (when not attached); snapshot if due."""
-        if self._hook is not None:
-            raise ConfigError("this collector advances on every optimizer.step(); do not call "
-                              "step() too (or create it with attach=False)")
-        if lr is None:
-            if self.optimizer is None:
-                raise ConfigError("step() needs lr= when the collector has no optimizer")
-            lr = float(self.optimizer.param_groups[0]["lr"])
-        return self._advance(float(lr))
-
-    def _advance(self, lr: float) -> bool:
-        if not (lr >= 0 and math.isfinite(lr)):
-            raise ConfigError(f"learning rate must be a finite number >= 0, got {lr!r}")
-        self._step += 1
-        self._time += lr * self.loss_scale
-        self._pending.append(lr * self.loss_scale)
-        if self.schedule.due(self._step):
-            self.snapshot()
-            return True
-        return False
+        return self.recorder.step(lr)
 
     def snapshot(self) -> int:
         """Checkpoint the current parameters now (once per step); returns its index."""
-        if self._steps and self._steps[-1] == self._step:
-            return self.num_snapshots - 1
-        cap = capture_state(self.model, self.names, dtype=self.dtype)
-        st = CheckpointState(cap["params"], cap["buffers"], None)
-        D = self._preconditioner(st)
-        self._states.append(dataclasses.replace(st, preconditioner=D))
-        self._times.append(self._time)
-        self._steps.append(self._step)
-        self._dts.append(np.asarray(self._pending, dtype=float))
-        self._pending = []
-        if self.keep_last is not None and len(self._states) > self.keep_last:
-            del self._states[0], self._times[0], self._steps[0], self._dts[0]
-            self._dropped += 1
-        if self.on_snapshot is not None:
-            self.on_snapshot(self, self.num_snapshots - 1)
-        return self.num_snapshots - 1
+        return self.recorder.snapshot()
 
     def close(self, final: bool = True) -> None:
         """Detach from the optimizer; with ``final``, snapshot the current step if not done."""
-        if final:
-            self.snapshot()
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        self.recorder.close(final)
 
-    def checkpoints(self) -> MemoryCheckpoints:
-        """The kept snapshots as :class:`MemoryCheckpoints`."""
-        return MemoryCheckpoints(tuple(self._states), np.array(self._times),
-                                 np.array(self._steps), tuple(self._dts))
+    def checkpoints(self) -> StoreCheckpoints:
+        """The kept snapshots as :class:`~tangentscope.dynamics.matfree_path.Checkpoints`."""
+        return StoreCheckpoints(self.recorder.store)
 
     def path(self, **kw: Any) -> CheckpointKernelPath:
-        """A :class:`CheckpointKernelPath` over the kept snapshots (``kw`` overrides the
-        collector's ``chunk_size``, ``device``, ``memory_budget``)."""
-        args = dict(self.args)
-        x, y = args.pop("x_train"), args.pop("y_train")
-        args.update(kw)
-        return CheckpointKernelPath(self.model, x, y, self.checkpoints(), **args)
-
-    def _preconditioner(self, st: CheckpointState) -> dict[str, Tensor] | None:
-        if self.optimizer is None:
-            return None
-        named = dict(self.model.named_parameters())
-        ids = {id(named[k]): k for k in self.names}
-        lr0 = float(self.optimizer.param_groups[0]["lr"])
-        D: dict[str, Tensor] = {}
-        if self.precondition == "adam":
-            grad = self._full_gradient(st)
-            for grp in self.optimizer.param_groups:
-                beta2, eps = grp["betas"][1], grp["eps"]
-                for q in grp["params"]:
-                    if id(q) not in ids:
-                        continue
-                    name = ids[id(q)]
-                    state = self.optimizer.state.get(q, {})
-                    g2 = grad[name] ** 2
-                    v = (state["exp_avg_sq"].to(g2) if "exp_avg_sq" in state
-                         else torch.zeros_like(g2))
-                    v_next = beta2 * v + (1 - beta2) * g2
-                    if grp.get("amsgrad") and "max_exp_avg_sq" in state:
-                        v_next = torch.maximum(v_next, state["max_exp_avg_sq"].to(g2))
-                    t = float(state.get("step", 0)) + 1
-                    D[name] = 1.0 / ((v_next / (1 - beta2 ** t)).sqrt() + eps)
-        ratios: dict[str, float] = {}
-        for grp in self.optimizer.param_groups:
-            r = float(grp["lr"]) / lr0 if lr0 > 0 else 1.0
-            for q in grp["params"]:
-                if id(q) in ids and r != 1.0:
-                    ratios[ids[id(q)]] = r
-        if not D and not ratios:
-            return None
-        return {k: D.get(k, torch.ones_like(v)) * ratios.get(k, 1.0) for k, v in st.params.items()}
-
-    def _full_gradient(self, st: CheckpointState) -> dict[str, Tensor]:
-        """``loss_scale · J_Sᵀ g`` on the whole (sharded) training set."""
-        ck = MemoryCheckpoints((st,), np.zeros(1), np.zeros(1, dtype=np.int64),
-                               (np.zeros(0),))
-        args = dict(self.args)
-        path = CheckpointKernelPath(self.model, args.pop("x_train"), args.pop("y_train"), ck,
-                                    **args)
-        return {k: v * self.loss_scale for k, v in path.parameter_gradient(0).items()}
-
-
-def _resolve(precondition: str | None, optimizer: torch.optim.Optimizer | None) -> str | None:
-    allowed = ("auto", "adam", None, "none")
-    if precondition not in allowed:
-        raise ConfigError(f"precondition must be one of {allowed}, got {precondition!r}")
-    if precondition in (None, "none"):
-        return None
-    adam_like = optimizer is not None and all("betas" in g and "eps" in g
-                                              for g in optimizer.param_groups)
-    if precondition == "auto":
-        return "adam" if adam_like else None
-    if not adam_like:
-        raise ConfigError("precondition='adam' needs an Adam-like optimizer (param groups with "
-                          "betas and eps); pass optimizer=, or precondition=None")
-    return "adam"
+        """A :class:`CheckpointKernelPath` over the kept snapshots (``kw``: ``chunk_size``,
+        ``device``, ``compute_dtype``, ``memory_budget``)."""
+        out = self.recorder.kernel_path(**kw)
+        assert isinstance(out, CheckpointKernelPath)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

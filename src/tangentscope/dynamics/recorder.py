@@ -14,7 +14,8 @@ The recorder takes snapshot 0 when it is created, then advances one step per
 yourself for hand-written updates). Training time advances by ``lr × loss_scale`` per step, the
 learning rate read from the optimizer at that step, so LR schedules are handled; parameter
 groups with different learning rates enter the kernel as a diagonal preconditioner ``lr_g/lr_0``.
-For Adam-like optimizers the kernel is the preconditioned ``J D Jᵀ`` (see :func:`_adam_next`).
+For Adam-like optimizers the kernel is the preconditioned ``J D Jᵀ`` (see
+:func:`~tangentscope.dynamics.matfree_record.adam_next_preconditioner`).
 
 Snapshots are computed in eval mode (dropout off, BatchNorm running statistics; afterwards
 every submodule's own ``training`` flag is exactly what it was) and in ``dtype`` (float64 by
@@ -27,6 +28,10 @@ Before anything is written the recorder sizes the recording (disk or RAM for the
 snapshots, and the eNTK working memory of one snapshot, estimated by
 :func:`~tangentscope.estimate_memory` with the very arguments :func:`~tangentscope.entk` gets)
 and refuses, naming what to change, if it does not fit.
+
+``storage="checkpoint"`` records what applies the kernels later instead (parameters, ``D``,
+``u``, ``U_Q``, ...: ``O(P + N)`` per snapshot, records of kind ``"checkpoint"``, same store and
+guarantees; :mod:`~tangentscope.dynamics.matfree_record`) for the matrix-free operators.
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -51,8 +55,21 @@ from ..kernels.entk import entk, estimate_memory, flatten_kernel
 from ..kernels.functional import FunctionalModel, functionalize
 from ..kernels.precondition import adam_preconditioner
 from ..losses import OutputLoss, get_loss
+from .matfree_path import DenseKernelPath, KernelPath
+from .matfree_record import (
+    PATH_OPTIONS,
+    adam_next_preconditioner,
+    check_checkpoint_fits,
+    checkpoint_estimate,
+    checkpoint_path,
+    checkpoint_snapshot,
+    describe_estimate,
+    refuse_over,
+    storage_kind,
+)
+from .matfree_record import free_disk as _free_disk
 from .schedule import Schedule, at_steps, every, logspaced, manual
-from .store import TrajectoryStore
+from .store import DEFAULT_KIND, MemoryStore, TrajectoryStore
 from .trajectory import KernelTrajectory
 
 __all__ = ["KernelRecorder", "Schedule", "every", "logspaced", "at_steps", "manual"]
@@ -92,8 +109,18 @@ class KernelRecorder:
         on_snapshot: ``fn(index, step)`` called after each snapshot is stored (checkpointing).
         extra_data: arrays stored once in ``data.npz`` (e.g. the known label noise).
         entk_options: forwarded to :func:`tangentscope.entk` (``implementation``,
-            ``memory_budget``, ``chunk_size``).
+            ``memory_budget``, ``chunk_size``); with ``storage="checkpoint"`` only
+            ``memory_budget`` (activations and kept states) and ``chunk_size`` (examples per
+            VJP/JVP chunk), forwarded to the kernel path.
         verbose: print the size estimate.
+        storage: ``"kernel"`` (dense ``K_SS, K_QS`` per snapshot, ``O(N²)``) or
+            ``"checkpoint"`` (parameters, ``D``, ``u``, ``U_Q``: ``O(P + N)``; ``D`` always
+            kept when the run is preconditioned; ``test_gram`` and ``save_preconditioner``
+            do not apply).
+        keep_last: checkpoint storage in memory only: keep the newest ``keep_last`` snapshots
+            (streaming); ``None`` keeps all.
+        group: checkpoint storage only: a ``torch.distributed`` group (or ``True``) over whose
+            ranks ``x_train``/``x_test`` are sharded (outputs gathered, gradients summed).
 
     Raises:
         ShapeError: inputs and targets that do not match.
@@ -113,10 +140,13 @@ class KernelRecorder:
                  resume: bool = False, step: int | None = None,
                  on_snapshot: Callable[[int, int], Any] | None = None,
                  extra_data: Mapping[str, Any] | None = None,
-                 entk_options: Mapping[str, Any] | None = None, verbose: bool = True):
+                 entk_options: Mapping[str, Any] | None = None, verbose: bool = True,
+                 storage: str = "kernel", keep_last: int | None = None, group: Any = None):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"KernelRecorder records an nn.Module, got {type(model).__name__}")
         self.model, self.optimizer = model, optimizer
+        self.storage, self.keep_last, self.group = storage, keep_last, group
+        self._kind = storage_kind(storage, keep_last, run_dir, group, entk_options)
         self.loss = get_loss(loss)
         self.schedule = schedule if schedule is not None else every(10)
         if not isinstance(self.schedule, Schedule):
@@ -148,6 +178,7 @@ class KernelRecorder:
         self._step, self._time, self._lr = int(step or 0), 0.0, lr0
         self._dts: list[float] = []
         self._records: list[dict[str, Any]] = []
+        self._dropped = 0
         self._hook = None
         if verbose:
             print(self._describe_estimate(), flush=True)
@@ -170,8 +201,14 @@ class KernelRecorder:
         return self._time
 
     @property
+    def store(self) -> TrajectoryStore:
+        """The :class:`~tangentscope.dynamics.store.TrajectoryStore` recorded into."""
+        return self._store
+
+    @property
     def num_snapshots(self) -> int:
-        return len(self._records)
+        """Snapshots taken so far (with ``keep_last``, dropped ones included)."""
+        return self._dropped + len(self._records)
 
     def step(self, lr: float | None = None) -> bool:
         """Advance one optimizer step (call right after ``optimizer.step()``, before an LR
@@ -193,17 +230,23 @@ class KernelRecorder:
     def snapshot(self) -> int:
         """Record a snapshot now (if none exists at this step); returns its index."""
         if self._records and self._records[-1]["step"] == self._step:
-            return len(self._records) - 1
-        arrays, scalars = self._compute()
+            return self.num_snapshots - 1
+        arrays, scalars = (self._compute() if self._kind == DEFAULT_KIND
+                           else self._compute_checkpoint())
         arrays["dts"] = np.asarray(self._dts, dtype=np.float64)
-        rec: dict[str, Any] = {"index": len(self._records), "step": self._step,
+        rec: dict[str, Any] = {"index": self.num_snapshots, "step": self._step,
                                "time": self._time, "lr": self._lr, **scalars,
                                "wall": time.time()}
-        if self.estimate["planned_snapshots"] is None:
+        if self.estimate["planned_snapshots"] is None and self.keep_last is None:
             self._check_room()
-        rec = self._store.append(rec, arrays)
+        rec = self._store.append(rec, arrays, kind=self._kind)
         self._records.append(rec)
         self._dts = []
+        if self.keep_last is not None and len(self._records) > self.keep_last:
+            assert isinstance(self._store, MemoryStore)
+            self._dropped += len(self._records) - self.keep_last
+            self._records = self._records[-self.keep_last:]
+            self._store.discard_before(self._records[0]["step"])
         index = int(rec["index"])
         if self.on_snapshot is not None:
             self.on_snapshot(index, self._step)
@@ -218,8 +261,23 @@ class KernelRecorder:
             self._hook = None
 
     def trajectory(self) -> KernelTrajectory:
-        """The snapshots so far as a :class:`KernelTrajectory`."""
+        """The snapshots so far as a :class:`KernelTrajectory` (kernel storage; checkpoint
+        storage raises ConfigError: use :meth:`kernel_path`)."""
+        if self._kind != DEFAULT_KIND:
+            raise ConfigError("this recorder stores parameter checkpoints (storage="
+                              "'checkpoint'), not kernels: use rec.kernel_path() with the "
+                              "matrix-free operators, or record with storage='kernel'")
         return KernelTrajectory.from_store(self._store)
+
+    def kernel_path(self, **kw: Any) -> KernelPath:
+        """The snapshots so far as a kernel path for the matrix-free operators: a
+        ``DenseKernelPath`` (kernel storage) or a ``CheckpointKernelPath`` (on this recorder's
+        data and ``group``; ``kw``: ``chunk_size``, ``device``, ``compute_dtype``, ...)."""
+        if self._kind == DEFAULT_KIND:
+            return DenseKernelPath(self.trajectory(), **kw)
+        opts = {**{k: v for k, v in self.entk_options.items() if k in PATH_OPTIONS},
+                "group": self.group, "dtype": self.dtype, **kw}
+        return checkpoint_path(self._store, self.model, **opts)
 
     def __enter__(self) -> KernelRecorder:
         return self
@@ -265,7 +323,7 @@ class KernelRecorder:
                 raise NonFiniteError(f"the model's outputs are not finite at step {self._step}: "
                                      "training diverged (lower the learning rate)")
             g = self.loss.grad(u, self.y)
-            D = self._preconditioner(fm, g)
+            D = self._preconditioner(fm, lambda: self._full_gradient(fm, g))
             out: dict[str, Tensor] = {"u": u, "g": g, "B": self.loss.hessian(u, self.y)}
             sc: dict[str, float | None] = {"loss": float(self.loss.value(u, self.y)),
                                            "test_loss": None, "test_gram_norm": None}
@@ -321,8 +379,24 @@ class KernelRecorder:
                               "precondition=None")
         return precondition
 
-    def _preconditioner(self, fm: FunctionalModel, g: Tensor) -> dict[str, Tensor] | None:
-        """Diagonal ``D`` per parameter: the Adam factor and/or ``lr_group / lr_0``."""
+    def _compute_checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, float | None]]:
+        with eval_mode(self.model):
+            fm = self._functional()
+
+            def pre(grad: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor] | None:
+                return self._preconditioner(fm, lambda: {k: v * self.loss_scale
+                                                         for k, v in grad().items()})
+
+            return checkpoint_snapshot(
+                self.model, self._names, self.x, self.y, loss=self.loss, x_test=self.xq,
+                y_test=self.yq, dtype=self.dtype, group=self.group, step=self._step,
+                options={k: v for k, v in self.entk_options.items() if k in PATH_OPTIONS},
+                preconditioner=pre)
+
+    def _preconditioner(self, fm: FunctionalModel, gradient: Callable[[], dict[str, Tensor]]
+                        ) -> dict[str, Tensor] | None:
+        """Diagonal ``D`` per parameter: the Adam factor and/or ``lr_group / lr_0``
+        (``gradient()``: the full-batch ``∇_w (loss_scale Φ)``, asked for by ``'adam'``)."""
         if self.optimizer is None:
             return None
         named = dict(self.model.named_parameters())
@@ -330,7 +404,7 @@ class KernelRecorder:
         lr0 = float(self.optimizer.param_groups[0]["lr"])
         D: dict[str, Tensor] = {}
         if self.precondition == "adam":
-            D = _adam_next(self.optimizer, ids, fm, self._full_gradient(fm, g))
+            D = adam_next_preconditioner(self.optimizer, ids, fm, gradient())
         elif self.precondition == "adam_state":
             D = {k: v.to(self.dtype) for k, v in adam_preconditioner(self.optimizer,
                                                                      names=ids).items()}
@@ -374,7 +448,7 @@ class KernelRecorder:
                 "precondition": self.precondition, "schedule": self.schedule.describe(),
                 "num_params": self.num_params, "param_names": self._names,
                 "optimizer": None if self.optimizer is None else type(self.optimizer).__name__,
-                "model": type(self.model).__name__}
+                "model": type(self.model).__name__, "storage": self.storage}
 
     def _group_lrs_differ(self) -> bool:
         if self.optimizer is None:
@@ -396,14 +470,16 @@ class KernelRecorder:
         if self.path is None or not TrajectoryStore.exists(self.path):
             raise ConfigError(f"resume=True needs a run_dir holding a trajectory; {self.path} "
                               "has none (start without resume)")
+        if self.group is not None:
+            raise ConfigError("resume=True with group= is not supported: resume on one process")
         store = TrajectoryStore.open(self.path)
         mine = self._meta()
-        for key in ("n", "p", "m", "loss", "num_params"):
-            if store.meta.get(key) != mine[key]:
+        for key in ("n", "p", "m", "loss", "num_params", "storage"):
+            if store.meta.get(key, "kernel" if key == "storage" else None) != mine[key]:
                 raise ConfigError(f"{self.path} was recorded with {key}={store.meta.get(key)!r}, "
                                   f"this recorder has {mine[key]!r}: resume with the same model "
                                   "and data, or use a new run_dir")
-        recs = store.records()
+        recs = store.records(self._kind)
         if not recs:
             raise ConfigError(f"{self.path} has no finished snapshot to resume from; delete it "
                               "and start again")
@@ -441,6 +517,13 @@ class KernelRecorder:
                                         or not isinstance(total_steps, int) or total_steps < 0):
             raise ConfigError(f"total_steps must be an integer >= 0 (or None), got "
                               f"{total_steps!r}")
+        if self._kind != DEFAULT_KIND:
+            mb = self.entk_options.get("memory_budget")
+            return checkpoint_estimate(
+                self.model, self._names, n=self.n, p=self.p, m=self.m, dtype=self.dtype,
+                preconditioned=self._preconditioned(), planned=self.schedule.planned(
+                    total_steps), in_memory=self.path is None, total_steps=total_steps,
+                budget=parse_bytes(mb) if mb is not None else default_memory_budget())
         item = torch.empty((), dtype=self.dtype).element_size()
         N, Mq = self.n * self.p, self.m * self.p
         floats = N * N + Mq * N + self.n * self.p * (self.p + 2) + Mq
@@ -459,30 +542,18 @@ class KernelRecorder:
                 else per * planned, "entk": mem, "total_steps": total_steps}
 
     def _describe_estimate(self) -> str:
-        e = self.estimate
-        where = str(self.path) if self.path is not None else "memory"
-        if e["planned_snapshots"] is None:
-            total = (f"{format_bytes(e['bytes_per_snapshot'])} per snapshot, total unknown "
-                     "(total_steps not given: the whole recording is not checked against the "
-                     f"{'free disk' if self.path is not None else 'available RAM'}, each "
-                     "snapshot is checked before it is written; pass total_steps= to check it "
-                     "all before training)")
-        else:
-            total = (f"{e['planned_snapshots']} snapshots × {format_bytes(e['bytes_per_snapshot'])}"
-                     f" = {format_bytes(e['bytes_per_snapshot'] * e['planned_snapshots'])}")
-        free = ""
-        if self.path is not None:
-            free = f" ({format_bytes(_free_disk(self.path))} free)"
-        impl = e["entk"].get("implementation")
-        return (f"[tangentscope] KernelRecorder → {where}: {total}{free}; RAM ≈ "
-                f"{format_bytes(e['ram_bytes'])} while a snapshot is computed"
-                f"{f' ({impl})' if impl else ''} "
-                f"(n={self.n}, p={self.p}, m={self.m}, {self.num_params:,} parameters, "
-                f"{self.schedule.describe()})")
+        free = None if self.path is None else _free_disk(self.path)
+        return describe_estimate(self.estimate, self.path, free, self.storage,
+                                 f"n={self.n}, p={self.p}, m={self.m}, {self.num_params:,} "
+                                 f"parameters, {self.schedule.describe()}")
 
     def _check_fits(self) -> None:
         """Refuse (before anything is written) a recording that does not fit."""
         e = self.estimate
+        if self._kind != DEFAULT_KIND:
+            free = _free_disk(self.path) if self.path is not None else available_memory()
+            check_checkpoint_fits(e, self.path, self.keep_last, free)
+            return
         budget = e["entk"]["budget"]
         if e["ram_bytes"] > budget or e["entk"].get("fits") is False:
             raise KernelTooLargeError(
@@ -492,28 +563,15 @@ class KernelRecorder:
                 "points, test_gram=False, dtype=torch.float32, or a larger "
                 "entk_options={'memory_budget': ...} (TANGENTSCOPE_MEMORY_BUDGET)")
         need = e["disk_bytes"] if self.path is not None else e["memory_mode_bytes"]
-        if need is None:
-            return
-        have = _free_disk(self.path) if self.path is not None else available_memory()
-        if need > have:
-            where = f"free disk at {self.path}" if self.path is not None else "available RAM"
-            raise ConfigError(
-                f"the recording needs about {format_bytes(need)} but only {format_bytes(have)} "
-                f"of {where} is left: snapshot less often (every(k) with a larger k, or "
-                "logspaced(total_steps, num)), use fewer training/probe points, dtype=float32, "
-                "or another run_dir")
+        if need is not None:
+            refuse_over(need, _free_disk(self.path) if self.path is not None
+                        else available_memory(), self.path)
 
     def _check_room(self) -> None:
         """With an unknown total, check before each snapshot that one more fits."""
-        per = self.estimate["bytes_per_snapshot"]
         have = _free_disk(self.path) if self.path is not None else available_memory()
-        if per > have:
-            where = f"free disk at {self.path}" if self.path is not None else "available RAM"
-            raise ConfigError(
-                f"snapshot {len(self._records)} at step {self._step} needs "
-                f"{format_bytes(per)} but only {format_bytes(have)} of {where} is left (the "
-                "snapshots so far are kept): snapshot less often, pass total_steps= so the "
-                "recording is sized before training, or use another run_dir")
+        refuse_over(self.estimate["bytes_per_snapshot"], have, self.path,
+                    f"snapshot {len(self._records)} at step {self._step}")
 
 
 def _entk_memory(fm: FunctionalModel, x1: Tensor, x2: Tensor | None,
@@ -540,40 +598,3 @@ def _entk_memory(fm: FunctionalModel, x1: Tensor, x2: Tensor | None,
             c //= 2
             est = dict(estimate_memory(fm, x1, x2, **{**passed, "chunk_size": c}))
     return {"budget": budget, **est}
-
-
-def _adam_next(optimizer: torch.optim.Optimizer, ids: Mapping[int, str], fm: FunctionalModel,
-               grad: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``D = 1/(√v̂ + ε)`` that Adam's *next* step will use, with the full-batch gradient.
-
-    ``v̂ = (β₂ v + (1 − β₂) ∇L²)/(1 − β₂^{t+1})`` (AMSGrad: the running max); this is
-    well defined at step 0, where the stored state is empty. Momentum (the update uses ``m̂``, not
-    the current gradient) and decoupled weight decay are not in ``J D Jᵀ``: their effect shows up
-    as identity error, which the operators docs measure.
-    """
-    D: dict[str, Tensor] = {}
-    for grp in optimizer.param_groups:
-        beta2, eps = grp["betas"][1], grp["eps"]
-        for q in grp["params"]:
-            if id(q) not in ids:
-                continue
-            name = ids[id(q)]
-            st = optimizer.state.get(q, {})
-            g2 = grad[name] ** 2
-            v = st["exp_avg_sq"].to(g2.dtype) if "exp_avg_sq" in st else torch.zeros_like(g2)
-            v_next = beta2 * v + (1 - beta2) * g2
-            if grp.get("amsgrad") and "max_exp_avg_sq" in st:
-                v_next = torch.maximum(v_next, st["max_exp_avg_sq"].to(g2.dtype))
-            t = float(st.get("step", 0)) + 1
-            D[name] = 1.0 / ((v_next / (1 - beta2 ** t)).sqrt() + eps)
-    missing = set(fm.params) - set(D)
-    if missing:
-        raise ShapeError(f"the optimizer has no Adam state for {sorted(missing)[:3]}")
-    return D
-
-
-def _free_disk(path: Path) -> int:
-    p = Path(path).resolve()
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free

@@ -18,7 +18,8 @@ width, depth and training length. Here the gap is measured, not assumed:
 - :func:`slq_band_fraction` — the band occupancy from a stochastic-Lanczos density (for ``N``
   too large for an eigen-decomposition);
 - :func:`gap_timeline` — all of the above for the growing windows ``[s, t_k]`` of a recorded
-  run, with the label noise's test displacement ``−G_Q(t_k, s) g_noise`` (one pass).
+  run, with the label noise's test displacement ``−G_Q(t_k, s) g_noise`` (one pass), and
+  optionally the SLQ band estimate beside the exact one.
 
 Why the band: for a frozen kernel the band ``σ ∈ [0.1, 0.9]`` holds the kernel eigenvalues
 ``μ ∈ [0.053, 1.15]/(bτ)`` — a window of 1.34 decades that slides down the kernel spectrum as
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
-from ..linalg import SpectralDensity
+from ..linalg import SpectralDensity, slq_density
 from .channels import label_noise_gradients, split_channels
 from .operators import Discretization, accumulate_operators
 from .trajectory import KernelTrajectory
@@ -84,9 +85,11 @@ class ReservoirGap:
         gap_ratio: ``edge_channel / edge_reservoir`` (``inf`` when the reservoir is null to
             rounding, NaN for an empty channel).
         log_gap: ``log10(gap_ratio)`` (decades).
-        max_log_gap: the largest ``log10(σ_j / σ_{j+1})`` over consecutive pairs above the
-            rounding floor — the natural boundary, wherever it is.
-        max_gap_rank: the channel dimension of a cut at that largest ratio.
+        max_log_gap: the largest ``log10(σ_j / σ_{j+1})`` over consecutive pairs both above
+            the rounding floor ``σ_1 N ε`` — the natural boundary, wherever it is; ``inf``
+            when some (not all) eigenvalues are at or below the floor (a null space).
+        max_gap_rank: the channel dimension of a cut at that largest ratio (for ``inf``: the
+            number of eigenvalues above the floor).
         band: ``(lo, hi)``; band_count: modes with ``lo ≤ σ ≤ hi``; band_fraction: their share
             of ``N`` (0 = hard split, every mode fitted or untouched).
         effective_rank: ``(Σσ)² / Σσ²`` (participation ratio).
@@ -139,11 +142,11 @@ def reservoir_gap(eigenvalues: Any, *, saturation: float | None = None, cut: flo
         ratio = float("nan")
     else:
         ratio = edge_c / edge_r if edge_r > floor else float("inf")
-    sf = np.clip(s, max(floor, 1e-300), None)
     live = int((s > floor).sum())
-    j = min(live, N - 1)                         # pairs (i, i+1) with σ_i above the floor
-    if j >= 1:
-        lg = np.log10(sf[:j] / sf[1:j + 1])
+    if 0 < live < N:                             # a null space to rounding: an infinite gap
+        max_lg, max_rank = float("inf"), live
+    elif live >= 2:                              # pairs (i, i+1), both above the floor
+        lg = np.log10(s[:live - 1] / s[1:live])
         i = int(np.argmax(lg))
         max_lg, max_rank = float(lg[i]), i + 1
     else:
@@ -232,11 +235,17 @@ class GapTimeline:
         stops, steps, times: ``(K,)`` end snapshots, their optimizer steps and training times.
         gaps: ``K`` :class:`ReservoirGap` of ``2b W_S(s, t_k)``.
         frozen_gaps: ``K`` :class:`ReservoirGap` of the frozen-kernel prediction from
-            ``K_SS(s)`` (:func:`frozen_gramian_spectrum`, GD form when the steps are equal).
+            ``K_SS(s)`` (:func:`frozen_gramian_spectrum`: the GD form for the ``gd``
+            discretization with equal steps, the flow form otherwise — the form the measured
+            operators reduce to when the kernel does not move).
         noise_bands: ``K`` :func:`band_fractions` of ``g_noise``.
         noise_dissipated: ``(K,)`` ``2b g_noiseᵀ W g_noise / ‖g_noise‖²`` (fraction fitted).
         noise_displacement: ``(K, m, p)`` ``−G_Q(t_k, s) g_noise``.
         spectra: ``(K, N)`` the normalized spectra (descending).
+        slq_band: ``(K,)`` the band occupancy estimated by stochastic Lanczos quadrature
+            from products with ``W_S`` alone (:func:`slq_band_fraction`; the estimate used
+            where ``N`` is too large for a decomposition), beside the exact
+            ``gaps[k].band_fraction``; NaN when not asked for.
     """
 
     stops: np.ndarray
@@ -248,11 +257,13 @@ class GapTimeline:
     noise_dissipated: np.ndarray
     noise_displacement: np.ndarray
     spectra: np.ndarray
+    slq_band: np.ndarray
 
 
 def gap_timeline(traj: KernelTrajectory, y_clean: Tensor, stops: Sequence[int], *,
                  start: int = 0, discretization: Discretization = "exp", cut: float = 0.5,
-                 band: Band = (0.1, 0.9)) -> GapTimeline:
+                 band: Band = (0.1, 0.9), slq_probes: int = 0, slq_steps: int = 30,
+                 slq_seed: int = 0) -> GapTimeline:
     """:func:`reservoir_gap`, :func:`band_fractions` of the label noise and ``−G_Q g_noise``
     for the windows ``[start, k]``, ``k ∈ stops`` (one pass over the run; one ``N × N``
     eigen-decomposition per stop).
@@ -264,6 +275,8 @@ def gap_timeline(traj: KernelTrajectory, y_clean: Tensor, stops: Sequence[int], 
         start: the window start ``s``.
         discretization, cut, band: as :func:`~tangentscope.dynamics.window_operators` and
             :func:`reservoir_gap`.
+        slq_probes, slq_steps, slq_seed: also estimate the band occupancy by SLQ with this
+            many Rademacher probes and Lanczos steps (0 probes: not done).
 
     Raises:
         ConfigError: not squared loss, no test set, or a stop outside the run.
@@ -275,13 +288,22 @@ def gap_timeline(traj: KernelTrajectory, y_clean: Tensor, stops: Sequence[int], 
     if traj.U_Q is None:
         raise ConfigError("gap_timeline needs a recorded test/probe set "
                           "(KernelRecorder(..., x_test=...)) for −G_Q g_noise")
-    want = sorted({int(k) % len(traj) for k in stops})
+    S = len(traj)
+    if not 0 <= start < S - 1:
+        raise ConfigError(f"start={start} is not a snapshot index with a later snapshot "
+                          f"(the trajectory has {S})")
+    bad = [k for k in stops if not -S <= int(k) < S]
+    if bad:
+        raise ConfigError(f"stops {bad} are outside the run's {S} snapshots (use indices "
+                          f"-{S} .. {S - 1})")
+    want = sorted({int(k) % S for k in stops})
     if not want or want[0] <= start:
         raise ConfigError(f"stops must be snapshot indices after start={start}, got {stops}")
-    g_clean, g_noise = label_noise_gradients(traj, y_clean, start)
+    g_noise = label_noise_gradients(traj, y_clean, start)[1]
     mu = torch.linalg.eigvalsh(0.5 * (traj.kernel(start) + traj.kernel(start).T))
     etas = np.concatenate([np.asarray(d, dtype=float) for d in traj.dts[start + 1:]])
-    lr = float(etas[0]) if etas.size and np.allclose(etas, etas[0], rtol=1e-12) else None
+    equal = etas.size > 0 and np.allclose(etas, etas[0], rtol=1e-12)
+    lr = float(etas[0]) if discretization == "gd" and equal else None
     sat = 1.0 / (2 * b)
     rows: list[dict[str, Any]] = []
     for ops in accumulate_operators(traj, start, want[-1], discretization=discretization):
@@ -301,10 +323,14 @@ def gap_timeline(traj: KernelTrajectory, y_clean: Tensor, stops: Sequence[int], 
             "bands": band_fractions(sp.eigenvalues, e.per_mode, saturation=sat, band=band),
             "dissipated": 2 * b * sp.quadratic_form(g_noise) / n2 if n2 > 0 else float("nan"),
             "disp": (-(ops.G @ g_noise)).reshape(traj.m, traj.p).numpy(),
-            "spectrum": (sp.eigenvalues / sat).numpy()})
+            "spectrum": (sp.eigenvalues / sat).numpy(),
+            "slq": float("nan") if slq_probes <= 0 else slq_band_fraction(
+                slq_density(ops.W.__matmul__, traj.N, probes=slq_probes, steps=slq_steps,
+                            seed=slq_seed), saturation=sat, band=band)})
     idx = np.array([r["stop"] for r in rows])
     return GapTimeline(idx, traj.steps[idx], traj.times[idx], [r["gap"] for r in rows],
                        [r["frozen"] for r in rows], [r["bands"] for r in rows],
                        np.array([r["dissipated"] for r in rows]),
                        np.stack([r["disp"] for r in rows]),
-                       np.stack([r["spectrum"] for r in rows]))
+                       np.stack([r["spectrum"] for r in rows]),
+                       np.array([r["slq"] for r in rows]))

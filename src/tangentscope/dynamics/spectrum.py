@@ -216,7 +216,7 @@ def spectral_schedule(traj: KernelTrajectory, basis: str | tuple[Tensor, Tensor]
     C = torch.stack([(V.T @ residual(traj, i)).abs() for i in range(len(traj))]).numpy()
     c0 = C[0]
     live = c0 > 1e-6 * c0.max() if c0.max() > 0 else np.zeros_like(c0, dtype=bool)
-    below = C <= fraction * c0[None, :]
+    below = fraction * c0[None, :] >= C
     learned = np.full(k, np.nan)
     for i in np.nonzero(live)[0]:
         hit = np.nonzero(below[:, i])[0]

@@ -7,9 +7,10 @@ writes through a store and :class:`~tangentscope.dynamics.trajectory.KernelTraje
 through one; nothing else touches the files.
 
 Each record has a ``kind`` (``"kernel"`` for the dense recorder's snapshots: ``K_SS``, ``K_QS``,
-``u``, ``g``, ``B``, ``U_Q``, ``dts``, ``D``); another kind of record (e.g. parameter
-checkpoints of a matrix-free trajectory) goes in the same store, the same files and the same
-crash guarantees, and readers ask for the kind they understand.
+``u``, ``g``, ``B``, ``U_Q``, ``dts``, ``D``; ``"checkpoint"`` for a checkpoint recording's
+parameters, ``D``, ``u``, ``U_Q``, ``dts``: :mod:`~tangentscope.dynamics.matfree_record`); every
+kind goes in the same store, the same files and the same crash guarantees, and readers ask for
+the kind they understand.
 
 On-disk layout (a directory)::
 
@@ -220,6 +221,14 @@ class MemoryStore(TrajectoryStore):
         live = {r["slot"] for r in self._records}
         self._arrays = {k: v for k, v in self._arrays.items() if k in live}
         self._arrays_cache.clear()
+
+    def discard_before(self, step: int) -> None:
+        """Forget the records before step ``step`` and their arrays (a streaming recording
+        that keeps only its newest snapshots; memory stores only)."""
+        self._records = [r for r in self._records if r["step"] >= step]
+        live = {r["slot"] for r in self._records}
+        self._arrays = {k: v for k, v in self._arrays.items() if k in live}
+        self._arrays_cache = {k: v for k, v in self._arrays_cache.items() if k in live}
 
     def arrays(self, record: Mapping[str, Any], names: Sequence[str] | None = None
                ) -> dict[str, Any]:

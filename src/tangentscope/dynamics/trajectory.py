@@ -238,6 +238,11 @@ class KernelTrajectory:
             ConfigError: the store has no finished snapshot yet.
         """
         recs = store.records("kernel")
+        if not recs and store.records("checkpoint"):
+            raise ConfigError(f"{store.path or 'this recording'} holds parameter checkpoints "
+                              "(KernelRecorder(..., storage='checkpoint')), not kernels: open "
+                              "it with tangentscope.dynamics.matfree_record.checkpoint_path("
+                              "run_dir, model) and use the matrix-free operators")
         if not recs:
             where = store.path if store.path is not None else "the recording"
             raise ConfigError(f"{where} has no finished snapshot yet: load it once the "

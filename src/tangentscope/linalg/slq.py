@@ -79,7 +79,7 @@ class SpectralDensity:
 def slq_density(matvec: Callable[[Tensor], Tensor], n: int, *, probes: int = 10,
                 steps: int = 40, seed: int = 0, dtype: torch.dtype = torch.float64,
                 device: torch.device | str = "cpu",
-                reorthogonalize: bool = True) -> SpectralDensity:
+                reorthogonalize: bool = True, start: Tensor | None = None) -> SpectralDensity:
     """SLQ estimate of the spectral density of a symmetric operator.
 
     Args:
@@ -90,6 +90,9 @@ def slq_density(matvec: Callable[[Tensor], Tensor], n: int, *, probes: int = 10,
         seed: probe seed.
         reorthogonalize: full reorthogonalization (memory ``steps · N · probes`` floats);
             without it, ghost copies of converged Ritz values can appear (weights stay valid).
+        start: ``(n, b)`` given probe vectors instead of ``probes`` Rademacher ones (each is
+            normalized): the Gauss quadrature of each vector's own spectral measure (e.g. the
+            share of a vector's ``‖v‖²`` above an eigenvalue cut, ``fraction_below`` per row).
 
     Returns:
         :class:`SpectralDensity`.
@@ -99,8 +102,14 @@ def slq_density(matvec: Callable[[Tensor], Tensor], n: int, *, probes: int = 10,
     """
     if probes < 1 or steps < 1:
         raise ShapeError(f"probes and steps must be >= 1, got {probes}, {steps}")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    V = (torch.randint(0, 2, (n, probes), generator=gen) * 2 - 1).to(dtype) / math.sqrt(n)
+    if start is not None:
+        if start.dim() != 2 or start.shape[0] != n or start.shape[1] < 1:
+            raise ShapeError(f"start must be (n, b) with n = {n}, got {tuple(start.shape)}")
+        V = (start / start.norm(dim=0, keepdim=True)).to(dtype)
+        probes = V.shape[1]
+    else:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        V = (torch.randint(0, 2, (n, probes), generator=gen) * 2 - 1).to(dtype) / math.sqrt(n)
     lz = LockstepLanczos(matvec, V.to(device), reorthogonalize=reorthogonalize)
     for _ in range(min(steps, n)):
         if not bool(lz.active.any()):
