@@ -52,6 +52,7 @@ def test_linear_model_finite_time_matches_the_frozen_kernel_flow(t):
     x, y = _data(n=5, d=8)        # under-determined: full-rank K, N = 5 modes
     u0 = model(x).detach()
     K = ts.entk(model, x)
+    assert isinstance(K, torch.Tensor)
     flow = ts.squared_loss_flow(K, u0, y, t=[t])
     jump = parameter_jump(model, x, y, k=5, t=t)
     assert torch.allclose(jump.predicted_outputs, flow.u[0], atol=1e-10, rtol=0)
@@ -76,7 +77,9 @@ def test_cross_entropy_jump_is_the_gauss_newton_flow(t):
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     lossf = ts.losses.get_loss("cross_entropy")
     u0 = model(x).detach()
-    K = ts.flatten_kernel(ts.entk(model, x))
+    K0 = ts.entk(model, x)
+    assert isinstance(K0, torch.Tensor)
+    K = ts.flatten_kernel(K0)
     B = ts.losses.dense_hessian(lossf.hessian(u0, labels))
     g0 = lossf.grad(u0, labels).reshape(-1)
     N = K.shape[0]
