@@ -32,12 +32,12 @@ SEED = 12
 EXPERIMENTS = ["benign-overfitting", "channels", "double-descent", "dpo", "grokking",
                "grokking-theory", "identities", "implicit-bias", "inr", "pinn",
                "poprisk-estimate", "analytic-jump", "drift-diffusion", "reservoir-pruning",
-               "kernel-motion", "reservoir-gap"]
+               "kernel-motion", "reservoir-gap", "operators-scale"]
 # seconds of a smoke run on one core (longest first into the pool); the cheap ones get more kills
 WEIGHT = {"grokking": 30, "grokking-theory": 15, "implicit-bias": 14, "dpo": 14, "inr": 10,
           "double-descent": 8, "poprisk-estimate": 8, "pinn": 8, "benign-overfitting": 8,
           "identities": 5, "channels": 4, "analytic-jump": 7, "drift-diffusion": 4,
-          "reservoir-pruning": 8, "kernel-motion": 5, "reservoir-gap": 6}
+          "reservoir-pruning": 8, "kernel-motion": 5, "reservoir-gap": 6, "operators-scale": 9}
 # experiments whose own code (not the framework's) keeps them from resuming exactly: name ->
 # the reason (strict xfail: fixing the experiment makes the case pass and the mark must go)
 BROKEN: dict[str, str] = {}

@@ -201,3 +201,20 @@ def test_slq_density_and_trace_against_eigh():
     assert abs(d.fraction_below(float(lam[150])) - exact.fraction_below(float(lam[150]))) < 0.05
     with pytest.raises(ShapeError):
         slq_density(lambda V: A @ V, 300, probes=0)
+
+
+def test_slq_with_given_vectors_is_their_own_spectral_measure():
+    """``start=``: each vector's Gauss quadrature; with the full Krylov space it is exact, so
+    the weight above a cut is the share of ``‖v‖²`` in the eigenvectors above it."""
+    A, lam = _psd(N=40, decay=0.7)
+    w, Q = torch.linalg.eigh(A)
+    g = torch.Generator().manual_seed(4)
+    V = torch.randn(40, 2, dtype=F64, generator=g) * torch.tensor([1.0, 3.0], dtype=F64)
+    d = slq_density(lambda X: A @ X, 40, start=V, steps=40)
+    cut = float(lam[10])
+    got = (d.weights * (d.nodes > cut)).sum(1)
+    c = Q.T @ V
+    want = (c[w > cut] ** 2).sum(0) / (c ** 2).sum(0)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ShapeError, match="start"):
+        slq_density(lambda X: A @ X, 40, start=torch.ones(5, 1, dtype=F64))

@@ -502,7 +502,7 @@ def test_checkpoint_recording_resumed_after_a_kill_loses_only_the_checkpoint_in_
         rec = KernelRecorder(model, x, y, x_test=xq, optimizer=opt, schedule=every(2),
                              run_dir=run_dir, storage="checkpoint", on_snapshot=keep,
                              verbose=False)
-        for s in range(steps if kill_after is None else kill_after):
+        for _ in range(steps if kill_after is None else kill_after):
             _sgd_step(model, opt, x, y)
         rec.close(final=kill_after is None)
         return model, opt, saved

@@ -147,3 +147,15 @@ def test_readers_name_the_damaged_file_and_the_fix(tmp_path):
         read_json(f, fix="restore it")
     assert isinstance(e.value, TangentscopeError) and e.value.path == f
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_memory_store_forgets_the_records_before_a_step():
+    # what an in-memory checkpoint recording with keep_last does
+    store = _fill(TrajectoryStore.create(None, {"n": 3, "p": 2, "m": 2}, {}), steps=(0, 2, 3))
+    old = store.records()[0]
+    assert store.array(old, "u") is not None
+    store.discard_before(2)
+    assert [r["step"] for r in store.records()] == [2, 3]
+    assert store.arrays(store.records()[0], ["u"])["u"].shape == (3, 2)
+    with pytest.raises(KeyError):
+        store.arrays(old)

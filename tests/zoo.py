@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tangentscope.models import TinyTransformer, mlp
+from tangentscope.models import TinyTransformer, mlp, resnet8x, resnet20
 
 
 def make_mlp(p: int = 1, in_dim: int = 3, width: int = 16, act: str = "tanh") -> nn.Module:
@@ -83,6 +83,22 @@ def make_convs(p: int = 2) -> nn.Module:
     with torch.no_grad():
         model.bn.running_mean.uniform_(-0.5, 0.5)
         model.bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def with_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` in float64 eval mode, every BatchNorm with random running statistics and
+    affine parameters (so that eval BatchNorm is not the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    model = model.double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.rand(c, generator=g, dtype=torch.float64) - 0.5)
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g, dtype=torch.float64))
+                m.weight.copy_(0.5 + torch.rand(c, generator=g, dtype=torch.float64))
+                m.bias.copy_(0.4 * torch.rand(c, generator=g, dtype=torch.float64) - 0.2)
     return model.eval()
 
 
@@ -213,6 +229,10 @@ ZOO: list[Setting] = [
     Setting("tokens", lambda: Tokens().double().eval(), _tokens(6, 4)),
     Setting("sequence", lambda: SeqModel().double().eval(), _randn(3, 9)),
     Setting("shared", lambda: Shared().double().eval(), _randn(4, 3)),
+    # issue 16's ResNet (4 stages, projection shortcuts) and ResNet-20 (option-A shortcuts),
+    # one block per stage, widths 2..16, on 3×8×8 inputs
+    Setting("resnet8x", lambda: with_bn_stats(resnet8x(3, width=2, blocks=1)), _randn(3, 8, 8)),
+    Setting("resnet20", lambda: with_bn_stats(resnet20(3, width=2, blocks=1)), _randn(3, 8, 8)),
 ]
 """Every setting (the transformer's position table is called without the batch dimension:
 generic for the structured eNTK, ``broadcast=['pos']`` for the statistics)."""

@@ -18,6 +18,7 @@ from .channels import (
                        noise_transfer,
                        split_channels,
 )
+from .diffusion import DriftNoiseSplit, ScalingFit, scaling_exponent
 from .flow import FlowSolution, analytic_jump, eigh_kernel, integrate_flow, squared_loss_flow
 from .jump import JumpSchedule, ParameterJump, apply_jump, parameter_jump
 from .label_noise import NoiseChannelReport, classification_error, noise_channel_analysis
@@ -64,4 +65,5 @@ __all__ = [
     "LinearizedComparison", "linearized_comparison", "ParameterJump", "parameter_jump",
     "apply_jump", "JumpSchedule", "NoiseAccounting", "noise_accounting", "ReservoirGap",
     "reservoir_gap", "GapTimeline", "gap_timeline", "ChannelScores", "channel_scores",
+    "DriftNoiseSplit", "ScalingFit", "scaling_exponent",
 ]
