@@ -7,7 +7,9 @@ take the torch weights from the ``.npz`` the parent wrote (dense weights stored 
 ``(in, out)``, so that ``f`` computes ``x W + b``: neural-tangents' structured rules do not see
 through a transpose of a parameter, which would silently turn STRUCTURED_DERIVATIVES into a
 Jacobian contraction; convolutions NCHW/OIHW as in torch), so the kernels can be compared entry
-by entry. neural-tangents
+by entry. The ResNet (issue 16) is written in neural-tangents' best layouts: NHWC activations
+and HWIO kernels (the parent stores them so), eval-mode BatchNorm as a per-channel affine map
+with the running statistics as constants and ``γ``, ``β`` as parameters. neural-tangents
 is imported without its TensorFlow bridge (``neural_tangents/__init__`` pulls in ``jax2tf``).
 """
 
@@ -61,6 +63,44 @@ def _model(kind: str):
     return g
 
 
+def _resnet(data):
+    """``(f, params)`` for the ResNet of ``benchmarks/entk.py`` from the torch state dict in
+    ``data`` (NHWC/HWIO; BatchNorm statistics closed over as constants)."""
+    import jax
+    import jax.numpy as jnp
+
+    names = [k for k in data.files if k != "x" and not k.endswith(("running_mean",
+                                                                     "running_var", "stride"))]
+    params = {k: jnp.asarray(data[k]) for k in names}
+    stats = {k: jnp.asarray(data[k]) for k in data.files if k.endswith(("running_mean",
+                                                                        "running_var"))}
+    n_blocks = sum(1 for k in names if k.endswith(".conv1.weight"))
+    strides = [int(data[f"blocks.{i}.stride"]) for i in range(n_blocks)]
+
+    def conv(x, w, stride):
+        pad = (w.shape[0] - 1) // 2
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), [(pad, pad), (pad, pad)],
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def bn(prm, x, name):
+        inv = 1.0 / jnp.sqrt(stats[f"{name}.running_var"] + 1e-5)
+        return (x - stats[f"{name}.running_mean"]) * (prm[f"{name}.weight"] * inv) \
+            + prm[f"{name}.bias"]
+
+    def f(prm, x):
+        h = jax.nn.relu(bn(prm, conv(x, prm["stem.weight"], 1), "bn"))
+        for i, s in enumerate(strides):
+            b = f"blocks.{i}"
+            y = jax.nn.relu(bn(prm, conv(h, prm[f"{b}.conv1.weight"], s), f"{b}.bn1"))
+            y = bn(prm, conv(y, prm[f"{b}.conv2.weight"], 1), f"{b}.bn2")
+            if f"{b}.proj.0.weight" in prm:
+                h = bn(prm, conv(h, prm[f"{b}.proj.0.weight"], s), f"{b}.proj.1")
+            h = jax.nn.relu(y + h)
+        return h.mean((1, 2)) @ prm["head.weight"] + prm["head.bias"]
+
+    return f, params
+
+
 def main(payload: dict) -> dict:
     import jax
     import jax.numpy as jnp
@@ -68,12 +108,16 @@ def main(payload: dict) -> dict:
 
     emp = _import_empirical()
     data = np.load(payload["npz"])
-    n_layers = sum(1 for k in data.files if k.startswith("w"))
-    params = [(jnp.asarray(data[f"w{i}"]), jnp.asarray(data[f"b{i}"])) for i in range(n_layers)]
+    if payload["model"] == "resnet":
+        f, params = _resnet(data)
+    else:
+        n_layers = sum(1 for k in data.files if k.startswith("w"))
+        params = [(jnp.asarray(data[f"w{i}"]), jnp.asarray(data[f"b{i}"]))
+                  for i in range(n_layers)]
+        f = _model(payload["model"])
     x = jnp.asarray(data["x"])
     impl = emp.NtkImplementation[payload["impl"].upper()]
-    fn = jax.jit(emp.empirical_ntk_fn(_model(payload["model"]), trace_axes=(), vmap_axes=0,
-                                      implementation=impl))
+    fn = jax.jit(emp.empirical_ntk_fn(f, trace_axes=(), vmap_axes=0, implementation=impl))
     t0 = time.perf_counter()
     compiled = fn.lower(x, None, params).compile()
     compile_s = time.perf_counter() - t0

@@ -1,7 +1,10 @@
 """eNTK implementations side by side: seconds and peak memory, one thread, float32.
 
 Cases (issue 2): MLP 10→512→512→p (tanh) with p = 1, 10 and n = 256, 1024; a CNN on 1×28×28
-(conv 1→16 3×3, conv 16→32 3×3 stride 2, linear head) with p = 10, n = 256. Each is computed
+(conv 1→16 3×3, conv 16→32 3×3 stride 2, linear head) with p = 10, n = 256; (issue 16) the
+ResNet :func:`tangentscope.models.resnet8x` (stem conv + BN, eight basic blocks 16→128 with
+projection shortcuts, eval BatchNorm with random running statistics, 0.70 M parameters) on
+3×32×32 with p = 10, n = 32, 128, 512 (``--cases resnet`` runs only these). Each is computed
 with tangentscope's default (``implementation="auto"``), ``"jacobian"`` and ``"ntvp"``, and with
 neural-tangents' three implementations (JAX, in ``.venv-nt``; skipped with a note if absent).
 
@@ -14,6 +17,9 @@ from the same implementation at a smaller n (scaled by n²) exceeds ``--max-seco
 
     python benchmarks/entk.py            # writes benchmarks/results/entk.json (~30 min)
     python benchmarks/entk.py --quick    # small n, a few minutes (results/entk-quick.tmp)
+    python benchmarks/entk.py --cases resnet --out benchmarks/results/entk-resnet.json
+    python benchmarks/entk.py --cases resnet --sizes 512 --impls default --max-seconds 300 \
+        --out benchmarks/results/entk-resnet512.json        # n = 512 alone (~8 CPU-minutes)
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from torch import nn
 
 import tangentscope as ts
 from tangentscope.kernels import estimate_memory, select_implementation
-from tangentscope.models import mlp
+from tangentscope.models import BasicBlock, mlp, resnet8x
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
@@ -52,8 +58,8 @@ NT_IMPLS = ("jacobian_contraction", "ntk_vector_products", "structured_derivativ
 NT_EQUIV = {"jacobian_contraction": "jacobian", "ntk_vector_products": "ntvp",
             "structured_derivatives": "structured"}
 FULL = [("mlp", 256, 1), ("mlp", 1024, 1), ("mlp", 256, 10), ("mlp", 1024, 10),
-        ("cnn", 256, 10)]
-QUICK = [("mlp", 32, 1), ("mlp", 64, 1), ("mlp", 32, 10), ("cnn", 16, 10)]
+        ("cnn", 256, 10), ("resnet", 32, 10), ("resnet", 128, 10), ("resnet", 512, 10)]
+QUICK = [("mlp", 32, 1), ("mlp", 64, 1), ("mlp", 32, 10), ("cnn", 16, 10), ("resnet", 8, 10)]
 
 
 class CNN(nn.Module):
@@ -82,12 +88,44 @@ def build(model: str, n: int, p: int) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     if model == "mlp":
         return mlp(10, 512, 2, p, activation="tanh").eval(), torch.randn(n, 10)
+    if model == "resnet":
+        net = resnet8x(p)
+        with torch.no_grad():  # eval BatchNorm with non-trivial statistics
+            for k, v in net.named_buffers():
+                if k.endswith("running_mean"):
+                    v.uniform_(-0.2, 0.2)
+                elif k.endswith("running_var"):
+                    v.uniform_(0.5, 1.5)
+        return net.eval(), torch.randn(n, 3, 32, 32)
     return CNN(p).eval(), torch.randn(n, 1, 28, 28)
 
 
+def _export_resnet(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """The ResNet's state dict in neural-tangents' best layouts: inputs NHWC, convolution
+    kernels HWIO, the head ``(in, out)``; block strides as ``blocks.i.stride``."""
+    arrays = {"x": x.permute(0, 2, 3, 1).contiguous().numpy()}
+    for k, v in model.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        v = v.detach()
+        if v.dim() == 4:
+            v = v.permute(2, 3, 1, 0)
+        elif k == "head.weight":
+            v = v.T
+        arrays[k] = v.contiguous().numpy()
+    for name, blk in model.named_modules():
+        if isinstance(blk, BasicBlock):
+            arrays[f"{name}.stride"] = np.asarray(blk.stride)
+    return arrays
+
+
 def export(model: nn.Module, x: torch.Tensor, path: Path) -> None:
-    """Weights ``w0, b0, w1, ...`` and inputs ``x`` for the JAX worker (dense weights as
-    ``(in, out)``, convolution weights OIHW)."""
+    """Weights and inputs ``x`` for the JAX worker: ``w0, b0, w1, ...`` (dense weights as
+    ``(in, out)``, convolution weights OIHW), or for the ResNet its state dict
+    (:func:`_export_resnet`)."""
+    if any(isinstance(m, BasicBlock) for m in model.modules()):
+        np.savez(path, **_export_resnet(model, x))  # type: ignore[arg-type]
+        return
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     arrays = {"x": x.numpy()}
     for i, m in enumerate(layers):
@@ -171,6 +209,9 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=150.0,
                     help="skip a case whose predicted time per call exceeds this")
     ap.add_argument("--impls", default=",".join(TORCH_IMPLS + NT_IMPLS))
+    ap.add_argument("--cases", default="", help="comma-separated models to run (mlp, cnn, "
+                    "resnet); default all")
+    ap.add_argument("--sizes", default="", help="comma-separated n to run; default all")
     ap.add_argument("--out", default=None, help="output JSON path")
     ap.add_argument("--table", metavar="JSON", help="print the markdown table of a results "
                     "file and exit (with --clock cpu|wall)")
@@ -183,6 +224,10 @@ def main() -> None:
         args.repeats, args.max_seconds = 1, 20.0
     impls = [i for i in args.impls.split(",") if i]
     cases = QUICK if args.quick else FULL
+    if args.cases:
+        cases = [c for c in cases if c[0] in args.cases.split(",")]
+    if args.sizes:
+        cases = [c for c in cases if str(c[1]) in args.sizes.split(",")]
     budget = parse_bytes(args.memory_budget)
     notes = [f"timing: median of {args.repeats} warm calls after one cold call (1 warm call if "
              "the cold call took > 5 s); one thread (torch.set_num_threads(1), XLA "
@@ -233,9 +278,9 @@ def main() -> None:
                          if "seconds" in r else r["skipped"]), flush=True)
             _ratios(case)
             done.append(case)
-        checks = {m: cross_check(m, 3, args, tmp) for m in ("mlp", "cnn")}
+        checks = {m: cross_check(m, 3, args, tmp) for m in sorted({c[0] for c in cases})}
     out = {"benchmark": "entk", "quick": args.quick,
-           "command": "python benchmarks/entk.py" + (" --quick" if args.quick else ""),
+           "command": "python " + " ".join(["benchmarks/entk.py", *sys.argv[1:]]),
            "machine": machine(), "torch": torch.__version__, "wall_seconds": time.time() - t_start,
            "budget_bytes": budget, "max_seconds": args.max_seconds, "notes": notes,
            "cases": done, "cross_check": checks, "targets": _targets(done)}

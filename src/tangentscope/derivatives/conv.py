@@ -98,8 +98,14 @@ class ConvRule(LayerRule):
     def sizes(self, data: Mapping[str, Any], z: Tensor) -> CallSizes:
         a, g = data["a"], data["groups"]
         k = data["kernel"][0] * data["kernel"][1]
-        return (z.shape[1], a.shape[1] // g * k, math.prod(z.shape[2:]),
-                a.numel() // a.shape[0] * (1 + k))
+        return (z.shape[1], a.shape[1] // g * k, math.prod(z.shape[2:]), a.numel() // a.shape[0])
+
+    def positions(self, data: Mapping[str, Any], c: int) -> Tensor:
+        """Patches ``(c, L, C_in · k)`` of an ungrouped convolution (the dense layer it is at
+        every output position), for the positional route of the structured eNTK."""
+        if data["groups"] != 1:
+            raise ValueError("a grouped convolution has no dense positional factors")
+        return unfold(data)[:, 0].transpose(1, 2)
 
     def per_example(self, data: Mapping[str, Any], delta: Tensor, roles: tuple[str, ...]
                     ) -> Tensor:

@@ -15,7 +15,7 @@ independent in eval mode.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -207,22 +207,38 @@ def record(apply: Callable[[dict[str, Tensor], Tensor], Tensor], params: Mapping
     raise AssertionError("unreachable")
 
 
-def sensitivities(rec: Recording, p: int) -> list[Tensor]:
+def sensitivities(rec: Recording, p: int, keep: Sequence[bool] | None = None,
+                  each: Callable[[int, tuple[Tensor, ...]], None] | None = None
+                  ) -> list[Tensor | None]:
     """``δ`` for every recorded call: ``(c, p, *z.shape[1:])``, ``δ[i, a] = ∂f_a(x_i)/∂z_i``.
 
     Uses one backward per output index with ``Σ_i f_a(x_i)`` (examples are independent).
+
+    Args:
+        rec: a recording with its graph (``record(..., grad=True)``).
+        p: outputs.
+        keep: per call, whether its ``δ`` is returned (None in its place otherwise); default
+            all.
+        each: ``each(a, grads)`` after the backward pass of output ``a``, with every call's
+            ``∂(Σ_i f_a(x_i))/∂z`` ``(c, *z.shape[1:])`` (to reduce them output by output).
     """
     zs = [c.z for c in rec.calls]
     out = rec.out
-    per_a: list[list[Tensor]] = [[] for _ in zs]
+    keep = [True] * len(zs) if keep is None else keep
+    deltas: list[Tensor | None] = [
+        torch.zeros(z.shape[0], p, *z.shape[1:], dtype=z.dtype, device=z.device) if k else None
+        for z, k in zip(zs, keep)]  # filled output by output: no list of p copies to stack
     if not out.requires_grad:
-        return [torch.zeros(z.shape[0], p, *z.shape[1:], dtype=z.dtype, device=z.device)
-                for z in zs]
+        return deltas
     for a in range(p):
         with torch.enable_grad():
             fa = out[:, a].sum()
         gs = torch.autograd.grad(fa, zs, retain_graph=a < p - 1, allow_unused=True,
                                  materialize_grads=True)
-        for k, g in enumerate(gs):
-            per_a[k].append(g)
-    return [g[0].unsqueeze(1) if p == 1 else torch.stack(g, dim=1) for g in per_a]
+        for d, g in zip(deltas, gs):
+            if d is not None:
+                d[:, a] = g
+        if each is not None:
+            each(a, gs)
+        del gs
+    return deltas

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,6 +38,7 @@ class Block:
             conv: ``C_in/groups · kernel``; embedding: vocabulary).
         L: positions per example, summed over calls.
         m: scalars of the block's parameters per output (``d_out · d_in`` for linear/conv).
+        groups: convolution groups (a grouped convolution has no positional route).
     """
 
     kind: str
@@ -49,19 +50,74 @@ class Block:
     d_in: int
     L: int
     m: int
+    groups: int = 1
 
 
 # -- one chunk of inputs ----------------------------------------------------------------------
-class Side:
-    """Recorded inputs ``a`` and sensitivities ``δ`` of one chunk, with cached factors."""
+class _Kept(NamedTuple):
+    """What a chunk keeps of a recorded call once its sensitivities are known."""
 
-    def __init__(self, rec: Recording, p: int):
+    rule: Any
+    data: dict[str, Any]
+
+
+class Side:
+    """Recorded inputs ``a`` and sensitivities ``δ`` of one chunk, with cached factors.
+
+    With ``routes`` (block → route, fixed for the whole kernel) the blocks routed
+    ``"materialize"`` are formed at once, in call order, and the sensitivities and recorded
+    inputs that no other route reads are dropped as soon as they are used: the chunk then holds
+    per-example gradients of those blocks instead of their (often larger) ``δ``. Normalization
+    blocks are even formed output by output during the backward passes (their gradient
+    ``Σ_s δ ⊙ x̂`` is cheap), so their ``δ`` are never held for all outputs at once.
+    """
+
+    def __init__(self, rec: Recording, p: int, routes: Mapping[Block, str] | None = None):
         self.c, self.p = rec.out.shape[0], p
         self.out = rec.out.detach()
         self.differentiable = bool(rec.out.requires_grad)
-        self.calls = rec.calls
-        self.delta = sensitivities(rec, p)
         self.cache: dict[Any, Tensor] = {}
+        keep, each = self._streamed(rec, routes or {})
+        self.delta: list[Any] = sensitivities(rec, p, keep, each)
+        self.calls: list[Any] = [_Kept(c.rule, c.data) for c in rec.calls]  # no outputs z
+        if routes:
+            self._form(routes)
+
+    def _streamed(self, rec: Recording, routes: Mapping[Block, str]
+                  ) -> tuple[list[bool] | None, Callable[[int, tuple[Tensor, ...]], None] | None]:
+        """Which calls' ``δ`` to keep, and the per-output reduction forming the streamed
+        (normalization) blocks into the cache."""
+        stream = [b for b, r in routes.items() if r == "materialize" and b.kind == "norm"]
+        if not stream:
+            return None, None
+        used = {k for b in routes if b not in stream for k in b.calls}
+        keep = [k in used or not any(k in b.calls for b in stream) for k in range(len(rec.calls))]
+        dtype, device = rec.out.dtype, rec.out.device
+        xs = {b: torch.zeros(self.c, self.p, b.m, dtype=dtype, device=device) for b in stream}
+        self.cache.update({("X", b): x for b, x in xs.items()})
+
+        def each(a: int, grads: tuple[Tensor, ...]) -> None:
+            for b, x in xs.items():
+                for k in b.calls:
+                    call = rec.calls[k]
+                    x[:, a] += call.rule.per_example(call.data, grads[k].unsqueeze(1),
+                                                     b.roles)[:, 0]
+        return keep, each
+
+    def _form(self, routes: Mapping[Block, str]) -> None:
+        mats = sorted((b for b, r in routes.items() if r == "materialize"),
+                      key=lambda b: min(b.calls))
+        keep = {k for b, r in routes.items() if r != "materialize" for k in b.calls}
+        left: dict[int, int] = {}
+        for b in mats:
+            for k in b.calls:
+                left[k] = left.get(k, 0) + 1
+        for b in mats:
+            self.X(b, None)
+            for k in b.calls:
+                left[k] -= 1
+                if not left[k] and k not in keep:
+                    self.delta[k] = self.calls[k] = None  # read by no other block
 
     def _cached(self, key: Any, fn: Callable[[], Tensor]) -> Tensor:
         if key not in self.cache:
@@ -75,7 +131,11 @@ class Side:
     def U(self, b: Block) -> Tensor:
         """``(c, p, L, d_out)`` sensitivities over all positions of the block's calls."""
         def build() -> Tensor:
-            us = [self.delta[k].reshape(self.c, self.p, -1, b.d_out) for k in b.calls]
+            if b.kind == "conv":  # channels first: (c, p, C, *spatial) -> (c, p, L, C)
+                us = [self.delta[k].reshape(self.c, self.p, b.d_out, -1).transpose(2, 3)
+                      for k in b.calls]
+            else:
+                us = [self.delta[k].reshape(self.c, self.p, -1, b.d_out) for k in b.calls]
             u = us[0] if len(us) == 1 else torch.cat(us, dim=2)
             if b.kind == "embedding":
                 u = u * (self.tokens(b) >= 0)[:, None, :, None]
@@ -200,7 +260,11 @@ def contract_block(acc: Tensor, b: Block, s1: Any, s2: Any, route: str, trace: b
     if trace:
         uu = (u1.transpose(1, 2).reshape(c1 * L1, -1) @ u2.transpose(1, 2).reshape(c2 * L2, -1).T)
         acc.add_(uu.mul_(S).view(c1, L1, c2, L2).sum((1, 3)))
-    else:
-        uu = u1.reshape(c1 * p * L1, -1) @ u2.reshape(c2 * p * L2, -1).T
-        uu = uu.view(c1, p, L1, c2, p, L2).mul_(S.view(c1, 1, L1, c2, 1, L2))
-        acc.add_(uu.sum((2, 5)).reshape(c1 * p, c2 * p))
+        return
+    # R[i, (a, o), (j, t)] = Σ_s δ_iaso S[is, jt], then K[ia, jb] = Σ_{o,t} R δ_jbto: the
+    # spatial double sum contracted with p·d_out columns, not with (p L)² sensitivity dots
+    o = u1.shape[3]
+    R = torch.bmm(u1.transpose(2, 3).reshape(c1, p * o, L1), S.view(c1, L1, c2 * L2))
+    R = R.view(c1 * p, o, c2, L2).permute(2, 0, 1, 3).reshape(c2, c1 * p, o * L2)
+    kj = torch.bmm(R, u2.permute(0, 3, 2, 1).reshape(c2, o * L2, p))  # (j, ia, b)
+    acc.view(c1 * p, c2, p).add_(kj.transpose(0, 1))

@@ -78,6 +78,8 @@ class StructuredPlan:
             upper bound of what autograd saves when a chunk is recorded.
         out1: the model's outputs ``(1, p)`` on ``x[:1]`` as recorded (the first chunk of
             the kernel is checked against them: examples must not interact).
+        norm_out: floats per example of the normalization calls' outputs (part of
+            ``recorded[1]``; their sensitivities are reduced output by output).
     """
 
     blocks: tuple[Block, ...]
@@ -89,6 +91,7 @@ class StructuredPlan:
     recorded: tuple[int, int]
     graph: float
     out1: Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
+    norm_out: int = 0
 
     @property
     def coverage(self) -> float:
@@ -150,8 +153,10 @@ def _blocks(r1: Recording, fm: FunctionalModel, generic: Mapping[str, str],
         else:
             d_out, d_in, L = fm.params[n].numel(), 1, 1
         done.update(names)
+        g = max((int(r1.calls[k].data.get("groups", 1)) for k in cs), default=1) \
+            if kind == "conv" else 1
         blocks.append(Block(kind, tuple(names), tuple(rls), group_of.get(n, ""), cs, d_out,
-                            d_in, L, d_out * d_in))
+                            d_in, L, d_out * d_in, g))
     return blocks
 
 
@@ -186,7 +191,8 @@ def structured_plan(model: Any, x: Tensor, groups: Mapping[str, list[str]] | Non
     covered = total - sum(numel[n] for n in generic if n in numel)
     recorded = (sum(s[3] for s in sizes), sum(c.z.numel() // c.z.shape[0] for c in r1.calls))
     return StructuredPlan(tuple(blocks), dict(generic), _sig(r1), covered, total,
-                          out1.shape[1], recorded, graph, out1)
+                          out1.shape[1], recorded, graph, out1,
+                          sum(c.z.numel() // c.z.shape[0] for c in r1.calls if c.kind == "norm"))
 
 
 def batch_dependence(fm: FunctionalModel, plan: StructuredPlan, x: Tensor) -> str | None:
@@ -208,12 +214,14 @@ _DATA_DEPENDENT = ("the model's forward records different layer calls for differ
                    "(data-dependent control flow): use implementation='jacobian'")
 
 
-def _side(fm: FunctionalModel, plan: StructuredPlan, x: Tensor) -> Side:
-    """Record one chunk and check it against the plan (same calls, no new generic use)."""
+def _side(fm: FunctionalModel, plan: StructuredPlan, x: Tensor,
+          routes: Mapping[Block, str] | None = None) -> Side:
+    """Record one chunk and check it against the plan (same calls, no new generic use);
+    ``routes``: see :class:`~tangentscope.kernels._factors.Side`."""
     rec = record(fm.apply, fm.params, x, skip=plan.generic)
     if _sig(rec) != plan.call_sig or not set(rec.generic) <= set(plan.generic):
         raise DataDependentForward(_DATA_DEPENDENT)
-    return Side(rec, plan.p)
+    return Side(rec, plan.p, routes)
 
 
 def supports(fm: FunctionalModel, x: Tensor) -> bool:
@@ -240,10 +248,15 @@ def _route_costs(b: Block, c1: int, c2: int, p: int, trace: bool, has_d: bool
     out: dict[str, tuple[float, float]] = {}
     if b.kind == "linear" and b.L == 1 and not has_d:
         out["hadamard"] = (2 * pairs * (q * b.d_out + b.d_in), 2 * pairs * q)
-    if b.kind == "embedding" or (b.kind == "linear" and not has_d):
+    if b.kind == "embedding" or (b.kind in ("linear", "conv") and b.groups == 1 and not has_d):
         din = 1 if b.kind == "embedding" else b.d_in
-        temp = pairs * L2 * (q + 1) + (c1 + c2) * b.L * p * b.d_out * trace
-        out["positional"] = (2 * pairs * L2 * (q * b.d_out + din + q), temp)
+        if trace:  # (c1 L1, c2 L2) sensitivity dots times the input Gram
+            temp = pairs * L2 * (q + 1) + (c1 + c2) * b.L * p * b.d_out
+            out["positional"] = (2 * pairs * L2 * (q * b.d_out + din + q), temp)
+        else:  # the input Gram times δ over one side's positions, then δ of the other
+            temp = pairs * L2 + 2 * pairs * b.L * p * b.d_out + (c1 + c2) * b.L * p * b.d_out
+            out["positional"] = (2 * pairs * (L2 * (p * b.d_out + din) + q * b.L * b.d_out),
+                                 temp)
     if b.kind != "linear" or b.L > 1 or has_d:
         form = (c1 + c2) * p * (b.L * b.d_out * (1 if b.kind == "embedding" else b.d_in)
                                 + (b.m if b.kind == "embedding" else 0))
@@ -263,25 +276,43 @@ def generic_numel(fm: FunctionalModel, x: Tensor) -> int:
 
 
 def working_floats(plan: StructuredPlan, trace: bool, has_precondition: bool,
-                   n_groups: int = 1) -> Callable[[int, int], float]:
-    """Floats the structured path holds at once for chunks of ``c1`` and ``c2`` examples.
+                   n_groups: int = 1) -> Callable[..., float]:
+    """Floats the structured path holds at once for chunks of ``c1`` and ``c2`` examples
+    (``work(c1, c2, single=False)``; ``single``: a symmetric kernel in one chunk, whose one
+    recorded side serves as both).
 
-    The recording graph of one chunk, recorded inputs and sensitivities of both chunks, cached
-    per-example layer gradients, the largest contraction temporary and the block accumulators.
+    The recording graph of one chunk; per chunk its recorded inputs and the larger of its
+    sensitivities (right after the backward passes; those of normalizations already reduced to
+    per-example gradients) and what it keeps once the materialized blocks are formed (their
+    per-example gradients, the sensitivities of the other blocks); cached unfolded convolution
+    inputs (positional route), the largest contraction or unfolding temporary and the block
+    accumulators.
     """
     rec_in, rec_out = plan.recorded
     p = plan.p
 
-    def work(c1: int, c2: int) -> float:
-        side = (c1 + c2) * (rec_in + p * rec_out) + max(c1, c2) * plan.graph
-        mats, temp = 0.0, 0.0
+    def work(c1: int, c2: int, single: bool = False) -> float:
+        sides = c1 if single else c1 + c2
+        rows = _strips(c1, p)[0].stop if single else c1  # a diagonal chunk goes in strips
+        formed, streamed, kept, cached, temp = 0.0, 0.0, 0.0, 0.0, 0.0
         for b in plan.blocks:
             costs = _route_costs(b, c1, c2, p, trace, has_precondition)
             r = min(costs, key=lambda k: costs[k][0])
-            temp = max(temp, costs[r][1])
+            if rows < c1:
+                costs = _route_costs(b, rows, c2, p, trace, has_precondition)
+            patches = b.L * b.d_in if b.kind == "conv" and b.roles != ("bias",) else 0
             if r == "materialize":
-                mats += (c1 + c2 + c1 * has_precondition) * p * b.m
-        return side + mats + temp + 2 * n_groups * c1 * c2 * (p if trace else p * p)
+                formed += p * b.m
+                streamed += p * b.m * (b.kind == "norm")
+                cached += c1 * has_precondition * p * b.m
+                temp = max(temp, costs[r][1], max(c1, c2) * patches)  # one unfold at a time
+            else:
+                kept += p * b.L * b.d_out
+                temp = max(temp, costs[r][1])
+                cached += sides * patches * (1 + ("bias" in b.roles))  # V (and V1)
+        held = max(p * (rec_out - plan.norm_out) + streamed, kept + formed)
+        side = sides * (rec_in + held) + max(c1, c2) * plan.graph
+        return side + cached + temp + 2 * n_groups * c1 * c2 * (p if trace else p * p)
 
     return work
 
@@ -321,7 +352,8 @@ def cost(req: Request, plan: StructuredPlan) -> WorkFn:
 
     def work(c1: int, c2: int) -> int:
         generic = _jacobian.jacobian_floats(c1, c2, req.p, Pg, Ag) if Pg else 0.0
-        return int(SAFETY * s * max(floats(c1, c2), generic))
+        single = req.symmetric and c1 >= req.n1
+        return int(SAFETY * s * max(floats(c1, c2, single), generic))
     return work
 
 
@@ -338,10 +370,11 @@ def _shift(sl: slice, start: int) -> slice:
 
 def _add_pair(out: dict[str, Tensor], zero: dict[str, bool], plan: StructuredPlan,
               dmap: Mapping[Block, Tensor], s1: Any, s2: Any, a: slice, b: slice,
-              trace: bool, groups: dict | None, mirror_from: int | None) -> None:
+              trace: bool, groups: dict | None, mirror_from: int | None,
+              routes: Mapping[Block, str]) -> None:
     """Contract every block between ``s1`` (rows ``a``) and ``s2`` (columns ``b``) into
-    ``out[g][a, b]``; with ``mirror_from = k`` also write the transpose of its columns ``k:``
-    into ``out[g][b[k:], a]`` (the lower triangle of a symmetric kernel)."""
+    ``out[g][a, b]`` by its route; with ``mirror_from = k`` also write the transpose of its
+    columns ``k:`` into ``out[g][b[k:], a]`` (the lower triangle of a symmetric kernel)."""
     c1, c2, p = s1.c, s2.c, plan.p
     for g in out:
         direct = zero[g] and (trace or p == 1)  # same layout: accumulate in the output itself
@@ -354,9 +387,7 @@ def _add_pair(out: dict[str, Tensor], zero: dict[str, bool], plan: StructuredPla
         for blk in plan.blocks:
             if groups and blk.group != g:
                 continue
-            d = dmap.get(blk)
-            contract_block(acc, blk, s1, s2, _route(blk, c1, c2, p, trace, d is not None),
-                           trace, d)
+            contract_block(acc, blk, s1, s2, routes[blk], trace, dmap.get(blk))
         kb = acc if trace else acc.view(c1, p, c2, p).permute(0, 2, 1, 3)
         targets = [] if direct else [(a, b, kb)]
         if mirror_from is not None and mirror_from < c2:
@@ -384,8 +415,12 @@ def compute(req: Request, c: int, plan: StructuredPlan) -> Tensor | dict[str, Te
     n1, n2, p, groups = req.n1, req.n2, plan.p, req.groups
     keys = list(groups) if groups else [""]
     first = chunks(n1, c)[0]
+    D = req.precondition
+    # one route per block for the whole kernel, chosen at the full chunk size (the strips of a
+    # diagonal chunk and a ragged last chunk share the factors cached for it)
+    routes = {b: _route(b, min(c, n1), min(c, n2), p, trace, D is not None) for b in plan.blocks}
     with torch.no_grad():
-        side_a = _side(fm, plan, x1[first])
+        side_a = _side(fm, plan, x1[first], routes)
         if not side_a.differentiable:
             probe(req)  # raises: the output has no graph to the parameters
         if plan.out1 is not None:  # examples independent: x[0] alone vs in the first chunk
@@ -401,21 +436,20 @@ def compute(req: Request, c: int, plan: StructuredPlan) -> Tensor | dict[str, Te
     shape = (n1, n2) if trace else (n1, n2, p, p)
     out = {g: out[g] if g in out else torch.empty(shape, dtype=fm.dtype, device=fm.device)
            for g in keys}
-    D = req.precondition
     dmap = {b: block_preconditioner(b, D) for b in plan.blocks} if D is not None else {}
     cur_a = first.start
     with torch.no_grad():
         for a, b in progress(block_pairs(n1, n2, c, sym), desc="eNTK blocks (structured)",
                              disable=not req.show_progress or None):
             if cur_a != a.start:
-                side_a, cur_a = _side(fm, plan, x1[a]), a.start
+                side_a, cur_a = _side(fm, plan, x1[a], routes), a.start
             if sym and a == b:  # strips of the upper triangle of the symmetric Gram
                 for u in _strips(side_a.c, p):
                     rest = slice(u.start, side_a.c)
                     _add_pair(out, zero, plan, dmap, side_a.rows(u), side_a.rows(rest),
                               _shift(u, a.start), _shift(rest, a.start), trace, groups,
-                              mirror_from=u.stop - u.start)
+                              mirror_from=u.stop - u.start, routes=routes)
             else:
-                _add_pair(out, zero, plan, dmap, side_a, _side(fm, plan, x2[b]), a, b, trace,
-                          groups, mirror_from=0 if sym else None)
+                _add_pair(out, zero, plan, dmap, side_a, _side(fm, plan, x2[b], routes), a, b,
+                          trace, groups, mirror_from=0 if sym else None, routes=routes)
     return out if groups else out[""]
