@@ -4,8 +4,9 @@ Task: a generated 10-class problem in the shape of MNIST-1D (40 inputs: class ce
 unit noise, ``p = 10``, so ``N = 10 n``), an MLP 40→64→64→10 (tanh, 7,434 parameters)
 trained by full-batch gradient descent on cross-entropy (``steps`` steps, lr 0.1, float32;
 10 % of the training labels flipped), with a
-:class:`~tangentscope.dynamics.matfree_collect.CheckpointCollector` keeping float64
-checkpoints at ``logspaced(steps, snapshots)`` steps. The analysis of the window ``[0, T]``
+:class:`~tangentscope.dynamics.matfree_collect.CheckpointCollector` (``KernelRecorder(...,
+storage="checkpoint")`` in memory) keeping float64 checkpoints at ``logspaced(steps,
+snapshots)`` steps. The analysis of the window ``[0, T]``
 (``exp`` discretization, kernel products in float32 — ``--products float64`` for float64 —
 with the Krylov tolerance that follows, 6e-6; memory budget 4 GiB):
 
@@ -122,7 +123,8 @@ def _timed(fn: Any) -> tuple[Any, dict[str, Any]]:
     with PeakRSS() as mem:
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
-        info = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
+        info: dict[str, Any] = {"seconds": time.perf_counter() - t0,
+                                "cpu_seconds": time.process_time() - c0}
     info["peak_delta_bytes"] = mem.delta_bytes
     info["process_peak_bytes"] = _status_kib("VmHWM") * 1024
     return out, info

@@ -114,8 +114,8 @@ def test_adam_kernel_is_the_next_step_preconditioned_kernel():
     recs = {k: KernelRecorder(model, x, y, optimizer=opt, schedule=every(2), precondition=k,
                               save_preconditioner=True, verbose=False)
             for k in ("adam", "adam_state")}
-    g0 = torch.autograd.grad(ts.losses.SquaredLoss().value(model(x), y), list(model.parameters()))
-    g0 = torch.cat([g.reshape(-1) for g in g0])
+    g0 = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        ts.losses.SquaredLoss().value(model(x), y), list(model.parameters()))])
     for _ in range(2):
         _sgd_step(model, opt, x, y)
     params = list(model.parameters())
@@ -401,10 +401,12 @@ def _two_storage_run(tmp_path, loss, opt_name, steps=9):
     torch.manual_seed(0)
     model = make_mlp(p, width=8)
     sched = None
+    opt: torch.optim.Optimizer
     if opt_name == "adam":
-        head = list(model[-1].parameters())
+        head = list(list(model.children())[-1].parameters())
         body = [q for q in model.parameters() if all(q is not h for h in head)]
-        opt = torch.optim.Adam([{"params": body}, {"params": head, "lr": 0.01}], lr=0.02)
+        groups: list[dict] = [{"params": body}, {"params": head, "lr": 0.01}]
+        opt = torch.optim.Adam(groups, lr=0.02)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.4)
         sched = torch.optim.lr_scheduler.StepLR(opt, 4, gamma=0.5)
@@ -450,7 +452,7 @@ def test_checkpoint_storage_maps_equal_the_dense_operators_of_the_same_run(tmp_p
         for got, want in ((r.PV, ref.P @ V), (r.GV, ref.G @ V), (r.WV, ref.W @ V),
                           (r.VWV, V.T @ ref.W @ V)):
             worst = max(worst, float((got - want).norm() / want.norm()))
-    assert worst <= 1e-8                             # measured ~1e-13
+    assert worst <= 1e-8                             # measured 1.4e-15 to 4.1e-15
 
 
 def test_checkpoint_storage_size_estimate_and_readers_that_need_kernels(tmp_path, capsys):
