@@ -184,8 +184,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
                                              memory_budget=job["budget"])
             gc, gn = noise_gradients(path, run["y_clean"])
             rep = vector_report(ops, {"noise": gn, "clean": gc}, channel=ch)
-            return {"identities": ids.final(),
-                    "vectors": {key: r.as_dict() for key, r in rep.items()}}
+            return {"identities": ids.summary(),
+                    "vectors": {key: r.summary() for key, r in rep.items()}}
 
         res2, info = _timed(analysis)
         out["analysis"] = {**info, **res2}
@@ -195,7 +195,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         traj = run["recorder"].trajectory()
         ops_d, info = _timed(lambda: window_operators(traj, discretization="exp"))
         out["dense"] = {**info, "kernel_bytes_per_snapshot": 8 * path.N * path.N,
-                        "identities": identity_residuals(traj, discretization="exp").final(),
+                        "identities": identity_residuals(traj, discretization="exp").summary(),
                         "dense_agreement": float((ops_d.W @ V - WV).norm()
                                                  / (ops_d.W @ V).norm())}
         out["dense"]["matrix_free_over_dense"] = out["wv"]["seconds"] / info["seconds"]

@@ -76,7 +76,7 @@ def test_linear_model_every_account_is_exact(linear_runs):
     assert acc.path_change is not None
     assert float(abs(acc.path_change).max()) < 1e-10 * acc.actual_rms
     assert acc.closure_error < 1e-10
-    s = acc.scalars()
+    s = acc.summary()
     assert s["path_rel_error"] < 1e-10 and s["path_change_fraction"] < 1e-10
     # given the twin's outputs only, the same accounting (no decomposition)
     acc2 = noise_accounting(noisy, yc, clean.U_Q[-1])
@@ -139,7 +139,7 @@ def test_frozen_initial_equals_linearized_model():
     assert acc.path_change is not None
     assert float(abs(acc.path_change).max()) > 1e-6
     assert acc.closure_error < 0.02
-    assert acc.scalars()["path_change_fraction"] > 0.01
+    assert acc.summary()["path_change_fraction"] > 0.01
 
 
 def test_frozen_transfer_euler_keeps_the_spacing(linear_runs):

@@ -201,7 +201,7 @@ def test_euler_converges_at_first_order_on_a_linear_flow():
     errs = []
     for S in (41, 81, 161):                       # h λ_max(BK) from 0.17 down to 0.04
         traj = _flow_trajectory(list(np.linspace(0, 1.0, S)))[0]
-        errs.append(identity_residuals(traj, discretization="euler").final()["dissipation_error"])
+        errs.append(identity_residuals(traj, discretization="euler").summary()["dissipation_error"])
     assert errs[0] > 1e-3
     for a, b in zip(errs, errs[1:]):
         assert 0.4 < b / a < 0.6            # O(h): halving h halves the error
@@ -268,7 +268,9 @@ def test_gd_is_exact_for_real_gradient_descent_on_a_linear_model(groups):
         assert res.displacement_error.max() < 1e-10
         assert res.gradient_error.max() < 1e-10
     # the continuous-time schemes are not exact for discrete steps: a real, visible error
-    assert identity_residuals(traj, discretization="exp").final()["dissipation_error"] > 1e-4
+    assert identity_residuals(traj, discretization="exp").summary()["dissipation_error"] > 1e-4
+    with pytest.warns(FutureWarning, match=r"now \.summary\(\)"):    # the old name still works
+        assert res.final() == res.summary()
 
 
 # -- the kernel inclusion ------------------------------------------------------------------------

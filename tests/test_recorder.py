@@ -152,7 +152,7 @@ def test_loss_scale_makes_time_match_a_torch_mse_loop():
             torch.nn.MSELoss()(model(x), y3).backward()
             opt.step()
         rec.close()
-        errs[scale] = identity_residuals(rec.trajectory(), discretization="gd").final()
+        errs[scale] = identity_residuals(rec.trajectory(), discretization="gd").summary()
     assert errs[2 / 3]["dissipation_error"] < 1e-10
     assert errs[2 / 3]["displacement_error"] < 1e-10
     assert errs[1.0]["dissipation_error"] > 0.05

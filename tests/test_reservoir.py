@@ -44,7 +44,7 @@ def test_gap_of_a_known_spectrum():
     assert (g.rank, g.max_gap_rank) == (2, 3)
     assert g.gap_ratio == pytest.approx(0.7 / 0.6)
     assert g.max_log_gap == pytest.approx(math.log10(600.0))
-    d = g.as_dict()
+    d = g.summary()
     assert (d["band_lo"], d["band_hi"], d["rank"]) == (0.1, 0.9, 2)
 
 

@@ -17,6 +17,7 @@ constant of the run. Everything here is measured, not assumed:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Literal
 
@@ -59,9 +60,15 @@ class VectorEnergy:
     def reservoir_fraction(self) -> float:
         return self.reservoir / self.total if self.total > 0 else float("nan")
 
-    def as_dict(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float]:
         return {"total": self.total, "channel_fraction": self.channel_fraction,
                 "reservoir_fraction": self.reservoir_fraction}
+
+    def as_dict(self) -> dict[str, float]:
+        """Deprecated name of :meth:`summary` (warns; will be removed)."""
+        warnings.warn("VectorEnergy.as_dict() is now .summary() (same dict)", FutureWarning,
+                      stacklevel=2)
+        return self.summary()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -109,10 +110,16 @@ class NoiseChannelReport:
     timeline_noise: np.ndarray
     timeline_clean: np.ndarray
 
-    def scalars(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float]:
         """The scalar fields (for a results table)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if not isinstance(getattr(self, f.name), np.ndarray)}
+
+    def scalars(self) -> dict[str, float]:
+        """Deprecated name of :meth:`summary` (warns; will be removed)."""
+        warnings.warn("NoiseChannelReport.scalars() is now .summary() (same dict)", FutureWarning,
+                      stacklevel=2)
+        return self.summary()
 
 
 def _squared_b(traj: KernelTrajectory) -> float:
@@ -158,7 +165,7 @@ def noise_channel_analysis(traj: KernelTrajectory, y_clean: Tensor, y_test: Tens
     nt = noise_transfer(sp, ops.G, g_noise, g_clean, U_Q_final=traj.U_Q[-1], y_test=y_test)
     U = traj.U_Q[-1]
     signal = -(ops.G @ g_clean)
-    ir = identity_residuals(traj, discretization=discretization).final()
+    ir = identity_residuals(traj, discretization=discretization).summary()
     en, ec = sp.energies["noise"], sp.energies["clean"]
     tt, tn, tc = _soft_timeline(traj, g_noise, g_clean, b, timeline, discretization)
     s = nt.summary()

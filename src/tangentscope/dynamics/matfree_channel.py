@@ -178,7 +178,7 @@ class VectorReport:
     rest_fraction: float
     dissipated_fraction: float
 
-    def as_dict(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
 

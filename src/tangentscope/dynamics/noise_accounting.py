@@ -102,7 +102,7 @@ class NoiseAccounting:
     path_change: np.ndarray | None = None
     closure_error: float = float("nan")
 
-    def scalars(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float]:
         """Flat ``{<predictor>_<field>: value}`` plus the run's own numbers."""
         out = {"actual_rms": self.actual_rms, "probe_test_error": self.test_error_noisy,
                "probe_test_error_twin": self.test_error_twin,

@@ -352,7 +352,7 @@ class IdentityResiduals:
     gradient_error: np.ndarray
     discretization: str
 
-    def final(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float]:
         """The errors of the whole window ``[s, T]`` as plain numbers."""
         out = {"dissipation_error": float(self.dissipation_error[-1]),
                "gradient_error": float(self.gradient_error[-1]),
@@ -361,6 +361,12 @@ class IdentityResiduals:
         if self.displacement_error is not None:
             out["displacement_error"] = float(self.displacement_error[-1])
         return out
+
+    def final(self) -> dict[str, float]:
+        """Deprecated name of :meth:`summary` (warns; will be removed)."""
+        warnings.warn("IdentityResiduals.final() is now .summary() (same dict)", FutureWarning,
+                      stacklevel=2)
+        return self.summary()
 
 
 def _rel(err: Tensor | float, ref: Tensor | float) -> float:

@@ -109,7 +109,7 @@ class ReservoirGap:
     band_fraction: float
     effective_rank: float
 
-    def as_dict(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float]:
         """The scalar fields (``band`` as ``band_lo``/``band_hi``)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "band"}
         d["band_lo"], d["band_hi"] = self.band

@@ -279,7 +279,7 @@ class KernelMotion:
     alignment: np.ndarray
     cross_operator: np.ndarray | None
 
-    def final(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float]:
         """The last snapshot's numbers."""
         out = {"kernel_motion": float(self.operator[-1]),
                "kernel_motion_fro": float(self.frobenius[-1]),

@@ -88,7 +88,7 @@ def gap_cell(cfg: Any, width: int, depth: int, seed: int) -> CellOutput:
     tl = gap_timeline(traj, Yc, idx, discretization=cfg.discretization, cut=cfg.cut,
                       band=(cfg.band_lo, cfg.band_hi), slq_probes=cfg.slq_probes,
                       slq_steps=cfg.slq_steps, slq_seed=seed)
-    ir = identity_residuals(traj, discretization=cfg.discretization).final()
+    ir = identity_residuals(traj, discretization=cfg.discretization).summary()
     net.load_state_dict(init)                  # the clean twin: same init, steps and step size
     opt2 = build_optimizer(optimizer_spec("gd"), net, lr=lr, weight_decay=0.0)
     clean = _gd(net, opt2, x, Yc, xt, cfg.steps, set(stops))

@@ -127,7 +127,7 @@ def scale_cell(cfg: Any, width: int, seed: int, spectra: bool, root: Path) -> Ce
                            "noise_test_rms": float(vis[0]), "clean_test_rms": float(vis[1]),
                            "train_loss": path.loss(st.stop)})
     ids = identity_residuals_matfree(path, discretization="exp", krylov_tol=ops.krylov_tol,
-                                     memory_budget=cfg.memory_budget).final()
+                                     memory_budget=cfg.memory_budget).summary()
     with torch.no_grad():
         dU = (model(xq_all[:probe]) - twin(xq_all[:probe])).double()
     last = steps_rows[-1]

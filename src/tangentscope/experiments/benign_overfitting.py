@@ -203,7 +203,7 @@ def _train_cell(task: Task, width: int, seed: int, cfg: Config) -> tuple[dict, d
            "counterfactual_corr": float(np.corrcoef(pred.ravel(), actual.ravel())[0, 1]),
            "counterfactual_test_rms": float(np.sqrt((actual ** 2).mean())),
            "seconds_train": hist.seconds + hist_c.seconds,
-           **{k: v for k, v in rep.scalars().items() if k != "test_error"}}  # = probe_test_error
+           **{k: v for k, v in rep.summary().items() if k != "test_error"}}  # = probe_test_error
     arrays = {"eigenvalues": rep.eigenvalues, "noise_per_mode": rep.noise_per_mode,
               "clean_per_mode": rep.clean_per_mode, "timeline_times": rep.timeline_times,
               "timeline_noise": rep.timeline_noise, "timeline_clean": rep.timeline_clean,

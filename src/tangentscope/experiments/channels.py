@@ -181,8 +181,8 @@ def run(cfg: Config, rd: RunDir) -> dict[str, Any]:
             prediction=traj.U_Q[-1], prediction_without_noise=traj.U_Q[-1].reshape(-1)
             - nt.displacement, loss=traj.loss, test_loss=traj.test_loss, times=traj.times)
         rd.save_cell("operators", {
-            "identities": res.final(), "rank": split.rank, "N": traj.N, "cut": split.cut,
-            "gap": split.gap, "energies": {k: e.as_dict() for k, e in split.energies.items()},
+            "identities": res.summary(), "rank": split.rank, "N": traj.N, "cut": split.cut,
+            "gap": split.gap, "energies": {k: e.summary() for k, e in split.energies.items()},
             "visibility": vis.summary(), "noise_transfer": nt.summary(),
             "final_train_loss": float(traj.loss[-1]), "final_test_loss": float(traj.test_loss[-1]),
             "snapshots": S, "test_gram_integral": ops.test_gram_integral})
@@ -196,7 +196,7 @@ def run(cfg: Config, rd: RunDir) -> dict[str, Any]:
         assert ops.G is not None
         rd.save_cell(key, {
             "start_step": int(traj.steps[a]), "stop_step": int(traj.steps[b]),
-            **identity_residuals(traj, a, b, discretization=cfg.discretization).final(),
+            **identity_residuals(traj, a, b, discretization=cfg.discretization).summary(),
             "rank": split.rank, "gap": split.gap,
             **mode_visibility(split, ops.G, ops.test_gram_integral).summary()})
 

@@ -207,7 +207,7 @@ def _cell(cfg: Config, opt_name: str, width: int, seed: int) -> tuple[dict, dict
         rep = noise_channel_analysis(traj, Yc, yt[:m], data.y_test[:m], threshold=cfg.threshold,
                                      discretization=cfg.discretization,  # type: ignore[arg-type]
                                      timeline=cfg.timeline)
-        sc = rep.scalars()
+        sc = rep.summary()
         sc["probe_test_error"] = sc.pop("test_error")  # never overwrite the full-test error
         res.update(sc)
         arrays.update(eigenvalues=rep.eigenvalues, noise_per_mode=rep.noise_per_mode,

@@ -107,7 +107,7 @@ def _cell(cfg: Config, opt_kind: str, act: str, lr: float) -> list[dict[str, Any
                 continue
             sub = traj.select(list(range(0, steps + 1, k)) + ([steps] if steps % k else []))
             for disc in cfg.discretizations:
-                r = identity_residuals(sub, discretization=cast(Discretization, disc)).final()
+                r = identity_residuals(sub, discretization=cast(Discretization, disc)).summary()
                 rows.append({"optimizer": opt_kind if kind is None else f"{opt_kind}[{kind}]",
                              "activation": act, "lr": lr, "steps": steps, "spacing": k,
                              "discretization": disc,

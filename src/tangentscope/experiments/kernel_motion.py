@@ -202,12 +202,12 @@ def _cell(cfg: Config, st: Setting, seed: int) -> CellOutput:
     # mode with η λ / n > 2 makes the held-kernel 'gd' propagator explode between snapshots)
     tried = {}
     for disc in dict.fromkeys((cfg.discretization, "exp")):
-        ir = identity_residuals(traj, discretization=cast(Any, disc)).final()
+        ir = identity_residuals(traj, discretization=cast(Any, disc)).summary()
         err = ir.get("displacement_error", math.inf)
         tried[disc] = (err if math.isfinite(err) else math.inf, ir)
     op = min(tried, key=lambda d: tried[d][0])
     ir = tried[op][1]
-    ir_c = identity_residuals(traj_c, discretization=cast(Any, op)).final()
+    ir_c = identity_residuals(traj_c, discretization=cast(Any, op)).summary()
     acc = noise_accounting(traj, yc, twin=traj_c, labels_test=lt[:m], y_test=Yt[:m],
                            discretization=cast(Any, op))
     mot, mot_c = kernel_motion(traj), kernel_motion(traj_c)
@@ -222,17 +222,17 @@ def _cell(cfg: Config, st: Setting, seed: int) -> CellOutput:
                                 K_QS=traj.cross_kernel(0), U_Q0=traj.U_Q[0])
         assert sol.U_Q is not None
         lin[name] = sol.U_Q[-1]
-    sc = acc.scalars()
+    sc = acc.summary()
     cost_mse = sc["probe_test_mse"] - sc["probe_test_mse_twin"]
     res: dict[str, Any] = {
         **head, "diverged": False,
-        "kernel_motion": mot.final()["kernel_motion"],
+        "kernel_motion": mot.summary()["kernel_motion"],
         "kernel_motion_max": float(np.max(mot.operator)),
-        "kernel_motion_fro": mot.final()["kernel_motion_fro"],
-        "kernel_scale_ratio": mot.final()["kernel_scale_ratio"],
-        "kernel_alignment": mot.final()["kernel_alignment"],
-        "cross_kernel_motion": mot.final().get("cross_kernel_motion", float("nan")),
-        "twin_kernel_motion": mot_c.final()["kernel_motion"],
+        "kernel_motion_fro": mot.summary()["kernel_motion_fro"],
+        "kernel_scale_ratio": mot.summary()["kernel_scale_ratio"],
+        "kernel_alignment": mot.summary()["kernel_alignment"],
+        "cross_kernel_motion": mot.summary().get("cross_kernel_motion", float("nan")),
+        "twin_kernel_motion": mot_c.summary()["kernel_motion"],
         "label_path_divergence": divergence,
         "max_sharpness": max(sharp), "final_sharpness": sharp[-1],
         "operator": op, **{f"{d}_displacement_error": v[0] for d, v in tried.items()},
