@@ -201,7 +201,7 @@ def test_maps_equal_dense_operators(runs, loss, opt, disc):
         assert _rel(r.VWV, V.T @ ref.W @ V) < TOL
         rec = MatrixFreeOperators(path, 1, discretization=disc, strategy="recompute")
         assert rec.plan(4).strategy == "recompute"
-        assert _rel(rec.dissipation_gramian(V), ref.W @ V) < TOL
+        assert _rel(rec.integrated_entk(V), ref.W @ V) < TOL
         assert abs(ops.test_gram_integral() - ref.test_gram_integral) <= 1e-10 * abs(
             ref.test_gram_integral)
 
@@ -368,11 +368,11 @@ def test_memory_plan_stores_recomputes_or_refuses():
     assert plan.strategy == "recompute" and plan.segment == 4 and plan.krylov_chunk == 1
     assert plan.bytes["total"] <= budget
     ref = window_operators(traj, discretization="exp")
-    assert _rel(ops.dissipation_gramian(V), ref.W @ V) < TOL
+    assert _rel(ops.integrated_entk(V), ref.W @ V) < TOL
     with pytest.raises(KernelTooLargeError, match="fewer columns.*memory_budget"):
         MatrixFreeOperators(path, memory_budget=1000).plan(4)
     with pytest.raises(KernelTooLargeError, match="memory_budget"):
-        MatrixFreeOperators(path, memory_budget=1000).dissipation_gramian(torch.ones(traj.N))
+        MatrixFreeOperators(path, memory_budget=1000).integrated_entk(torch.ones(traj.N))
 
 
 def test_bad_inputs_raise_clear_errors(runs):

@@ -490,7 +490,7 @@ class MatrixFreeOperators:
         assert out is not None
         return out
 
-    def dissipation_gramian(self, V: Tensor) -> Tensor:
+    def integrated_entk(self, V: Tensor) -> Tensor:
         """``W_S(s, T) V`` ``(N, k)`` (forward + adjoint sweep)."""
         out = self.apply(V, propagate=False, gramian=True).WV
         assert out is not None

@@ -115,7 +115,7 @@ def gramian_topk(ops: MatrixFreeOperators, k: int, *, method: str = "lanczos",
     t0, p0 = time.perf_counter(), ops.path.products
 
     def mv(V: Tensor) -> Tensor:
-        return ops.dissipation_gramian(V)
+        return ops.integrated_entk(V)
 
     common: dict[str, Any] = {"dtype": ops.path.dtype, "device": ops.path.device, "seed": seed}
     if method == "lanczos":
@@ -142,7 +142,7 @@ def kernel_topk(path: KernelPath, snapshot: int, k: int, *, tol: float = 1e-8,
 def gramian_density(ops: MatrixFreeOperators, *, probes: int = 8, steps: int = 30,
                     seed: int = 0) -> SpectralDensity:
     """SLQ spectral density of ``W_S(s, T)`` (``steps`` sweeps of ``probes`` columns)."""
-    return slq_density(ops.dissipation_gramian, ops.N, probes=probes, steps=steps, seed=seed,
+    return slq_density(ops.integrated_entk, ops.N, probes=probes, steps=steps, seed=seed,
                        dtype=ops.path.dtype, device=ops.path.device)
 
 

@@ -172,7 +172,7 @@ def _spectra(cfg: Any, path: CheckpointKernelPath, ops: MatrixFreeOperators, X: 
     arrays["kernel_snapshot_steps"] = np.asarray(path.steps)[snaps]
     gen = torch.Generator().manual_seed(1)
     R = (torch.randint(0, 2, (ops.N, cfg.slq_probes), generator=gen) * 2 - 1).to(F64)
-    dw = slq_density(ops.dissipation_gramian, ops.N, start=torch.cat([R, X], 1),
+    dw = slq_density(ops.integrated_entk, ops.N, start=torch.cat([R, X], 1),
                      steps=cfg.slq_steps, dtype=F64)
     arrays["gramian_slq"] = np.stack([dw.nodes.numpy(), dw.weights.numpy()]) * np.array(
         [2 * b, 1.0])[:, None, None]
