@@ -22,21 +22,29 @@ import contextlib
 import os
 import threading
 import traceback
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from ..errors import ConfigError
 from .run_data import RunView, load_run
-from .server import _FILES, STATIC, _Handler, _has_display, _HttpError, _open
+from .server import (
+    _FILES,
+    STATIC,
+    LocalServer,
+    _Handler,
+    _has_display,
+    _HttpError,
+    _open,
+    bind_error,
+    check_port,
+)
 
 __all__ = ["RunServer", "make_run_server", "serve_run"]
 
 _RUN_FILES = {"run.html", "run.js", "plot.js", "style.css"}
 
 
-class RunServer(ThreadingHTTPServer):
+class RunServer(LocalServer):
     """Serves one :class:`~tangentscope.app.run_data.RunView`. Build with
     :func:`make_run_server`; ``start()`` serves in a background thread, ``shutdown()`` stops.
 
@@ -45,48 +53,14 @@ class RunServer(ThreadingHTTPServer):
         request_timeout: seconds a connection may take to send its request.
     """
 
-    daemon_threads = True
-    allow_reuse_address = True
+    thread_name = "tangentscope-run-http"
+    wildcard_host = "localhost"
 
     def __init__(self, address: tuple[str, int], view: RunView, *,
                  request_timeout: float = 10.0):
         super().__init__(address, _RunHandler)
         self.view = view
         self.request_timeout = request_timeout
-        self._thread: threading.Thread | None = None
-        self._serving = False
-
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-    @property
-    def url(self) -> str:
-        addr = self.server_address[0]
-        host = addr.decode() if isinstance(addr, bytes) else str(addr)
-        return f"http://{host if host not in ('0.0.0.0', '::', '') else 'localhost'}:{self.port}/"
-
-    def start(self) -> RunServer:
-        """Serve in a daemon thread; return ``self``."""
-        self._thread = threading.Thread(target=self.serve_forever, name="tangentscope-run-http",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self, poll_interval: float = 0.25) -> None:
-        self._serving = True
-        try:
-            super().serve_forever(poll_interval)
-        finally:
-            self._serving = False
-
-    def shutdown(self) -> None:
-        """Stop serving and release the port."""
-        if self._serving:
-            super().shutdown()
-        if self._thread is not None:
-            self._thread.join(5.0)
-        self.server_close()
 
 
 def make_run_server(run_dir: str | os.PathLike | RunView, host: str = "127.0.0.1",
@@ -97,15 +71,12 @@ def make_run_server(run_dir: str | os.PathLike | RunView, host: str = "127.0.0.1
         ConfigError: ``run_dir`` holds no run (see :func:`~tangentscope.app.run_data.load_run`),
             or a port outside 0..65535 / one this process cannot listen on.
     """
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ConfigError(f"port must be an integer in 0..65535 (0 picks a free one), got "
-                          f"{port!r}")
+    check_port(port)
     view = run_dir if isinstance(run_dir, RunView) else load_run(Path(run_dir))
     try:
         return RunServer((host, port), view, request_timeout=request_timeout)
     except OSError as e:
-        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another "
-                          "--port (0 picks a free one) or --host") from None
+        raise bind_error(host, port, e) from None
 
 
 def serve_run(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,

@@ -28,7 +28,7 @@ import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError
@@ -48,7 +48,83 @@ MAX_BODY = 16 * 1024
 DEFAULT_LR = {"adamw": 3e-3, "gated-streaming": 3e-3, "sgd": 0.05}
 
 
-class AppServer(ThreadingHTTPServer):
+_S = TypeVar("_S", bound="LocalServer")
+
+
+class LocalServer(ThreadingHTTPServer):
+    """A threaded HTTP server that serves in a daemon thread (``start()``) or the caller's
+    (``serve_forever()``) and releases its port on ``shutdown()``: the base of both pages'
+    servers."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    thread_name = "tangentscope-http"
+    #: the host named in :attr:`url` when bound to every interface (None: this machine's name)
+    wildcard_host: str | None = None
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]):
+        super().__init__(address, handler)
+        self._thread: threading.Thread | None = None
+        self._serving = False
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        addr = self.server_address[0]
+        host = addr.decode() if isinstance(addr, bytes) else str(addr)
+        if host in ("0.0.0.0", "::", ""):
+            host = self.wildcard_host or socket.gethostname()
+        return f"http://{host}:{self.port}/"
+
+    def start(self: _S) -> _S:
+        """Serve in a daemon thread; return ``self``."""
+        self._thread = threading.Thread(target=self.serve_forever, name=self.thread_name,
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self, poll_interval: float = 0.25) -> None:
+        self._serving = True
+        try:
+            super().serve_forever(poll_interval)
+        finally:
+            self._serving = False
+
+    def _before_shutdown(self) -> None:
+        """Called first by :meth:`shutdown` (end streams, say)."""
+
+    def _after_stop(self) -> None:
+        """Called by :meth:`shutdown` once serving has stopped (close sessions, say)."""
+
+    def shutdown(self) -> None:
+        """Stop serving and release the port."""
+        self._before_shutdown()
+        if self._serving:
+            super().shutdown()
+        self._after_stop()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        self.server_close()
+
+
+def check_port(port: Any) -> None:
+    """Refuse a port outside 0..65535 (``0`` picks a free one) with a :class:`ConfigError`."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"port must be an integer in 0..65535 (0 picks a free one), got "
+                          f"{port!r}")
+
+
+def bind_error(host: str, port: int, e: OSError) -> ConfigError:
+    """The error for an address this process cannot listen on (in use, not permitted, or an
+    unknown host)."""
+    return ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another "
+                       "--port (0 picks a free one) or --host")
+
+
+class AppServer(LocalServer):
     """The page's server. Build with :func:`make_server`; ``start()`` serves in a background
     thread, ``serve_forever()`` in the caller's; ``shutdown()`` stops serving and closes every
     session (joining its worker thread).
@@ -66,58 +142,23 @@ class AppServer(ThreadingHTTPServer):
             before it is dropped (the page reconnects by itself).
     """
 
-    daemon_threads = True
-    allow_reuse_address = True
-
     def __init__(self, address: tuple[str, int], *, max_sessions: int = 4,
                  reap_after: float = 5.0, heartbeat: float = 1.0, stream_buffer: int = 64 * 1024,
                  request_timeout: float = 10.0, stream_timeout: float = 60.0,
                  **session_kwargs: Any):
+        self.stopping = threading.Event()     # before binding: a handler may look at it
         super().__init__(address, _Handler)
         self.sessions = SessionManager(max_sessions, reap_after, **session_kwargs)
         self.heartbeat = heartbeat
         self.stream_buffer = stream_buffer
         self.request_timeout = request_timeout
         self.stream_timeout = stream_timeout
-        self.stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._serving = False
 
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-    @property
-    def url(self) -> str:
-        addr = self.server_address[0]
-        host = addr.decode() if isinstance(addr, bytes) else str(addr)
-        if host in ("0.0.0.0", "::", ""):
-            host = socket.gethostname()
-        return f"http://{host}:{self.port}/"
-
-    def start(self) -> AppServer:
-        """Serve in a daemon thread; return ``self``."""
-        self._thread = threading.Thread(target=self.serve_forever, name="tangentscope-http",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self, poll_interval: float = 0.25) -> None:
-        self._serving = True
-        try:
-            super().serve_forever(poll_interval)
-        finally:
-            self._serving = False
-
-    def shutdown(self) -> None:
-        """Stop serving, end open event streams, close every session, release the port."""
+    def _before_shutdown(self) -> None:   # end open event streams
         self.stopping.set()
-        if self._serving:
-            super().shutdown()
+
+    def _after_stop(self) -> None:        # close every session (joining its worker)
         self.sessions.shutdown()
-        if self._thread is not None:
-            self._thread.join(5.0)
-        self.server_close()
 
 
 def make_server(host: str = "127.0.0.1", port: int = 0, *, max_sessions: int = 4,
@@ -139,17 +180,14 @@ def make_server(host: str = "127.0.0.1", port: int = 0, *, max_sessions: int = 4
     Raises:
         ConfigError: a port outside 0..65535, or one this process cannot listen on.
     """
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ConfigError(f"port must be an integer in 0..65535 (0 picks a free one), got "
-                          f"{port!r}")
+    check_port(port)
     try:
         return AppServer((host, port), max_sessions=max_sessions, reap_after=reap_after,
                          heartbeat=heartbeat, stream_buffer=stream_buffer,
                          request_timeout=request_timeout, stream_timeout=stream_timeout,
                          implementation=implementation, max_fps=max_fps)
-    except OSError as e:  # in use, not permitted, or an unknown host
-        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another "
-                          "--port (0 picks a free one) or --host") from None
+    except OSError as e:
+        raise bind_error(host, port, e) from None
 
 
 def serve(host: str = "127.0.0.1", port: int = 0, open_browser: bool = True, *,
