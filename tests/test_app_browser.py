@@ -6,7 +6,6 @@ missing browser there is a failure). Saves ``test-artifacts/app.png``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,31 +13,9 @@ import torch
 
 from tangentscope.app import make_server
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).parents[1] / "test-artifacts"
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture
-def browser():
-    ci = os.environ.get("CI") == "true"
-    if not Path(CHROMIUM).exists():
-        if ci:
-            pytest.fail(f"{CHROMIUM} is missing under CI=true (.ci/run installs Debian's chromium)")
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    try:
-        from playwright import sync_api
-    except ImportError:
-        if ci:
-            pytest.fail("playwright is missing under CI=true (pip install 'tangentscope[test]')")
-        pytest.skip("playwright not installed (pip install 'tangentscope[test]')")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture
