@@ -61,6 +61,7 @@ from ..errors import ConfigError
 from ..io import RunDir
 from ..kernels import entk, flatten_kernel
 from ..models import mlp
+from ..viz.drift_diffusion import drift_diffusion_figures
 from ._drift_run import PARTS, split_training
 from ._framework import Experiment
 from ._harness import (
@@ -506,8 +507,6 @@ def table_markdown(summary: Mapping[str, Any]) -> str:
 
 def plot(rd: RunDir) -> list[Path]:
     """Figures from the run directory alone."""
-    from ..viz.drift_diffusion import drift_diffusion_figures
-
     return drift_diffusion_figures(rd)
 
 

@@ -48,6 +48,7 @@ from ..dynamics.spectrum import kernel_motion
 from ..errors import ConfigError, NonFiniteError
 from ..io import RunDir
 from ..models import mlp
+from ..viz.kernel_motion import kernel_motion_figures
 from ._framework import Experiment
 from ._harness import (
     CellOutput,
@@ -373,8 +374,6 @@ def _verdict(cfg: Config, s: Mapping[str, Any]) -> str:
 
 def plot(rd: RunDir) -> list[Path]:
     """Figures from the run directory alone."""
-    from ..viz.kernel_motion import kernel_motion_figures
-
     return kernel_motion_figures(rd)
 
 

@@ -44,6 +44,7 @@ from ..dynamics.linearized import gd_step_size
 from ..errors import ConfigError
 from ..io import RunDir
 from ..models import mlp
+from ..viz.reservoir_pruning import reservoir_pruning_figures
 from ._framework import Experiment, seed_stats
 from ._harness import CellOutput, check_positive, run_cells, torch_threads
 from ._prune_sweep import SALIENCIES, THEORY, curve_key, record_and_score, sweep
@@ -288,8 +289,6 @@ def table_markdown(s: Mapping[str, Any]) -> str:
 
 def plot(rd: RunDir) -> list[Path]:
     """Figures from the run directory alone (:mod:`tangentscope.viz.reservoir_pruning`)."""
-    from ..viz.reservoir_pruning import reservoir_pruning_figures
-
     return reservoir_pruning_figures(rd)
 
 
