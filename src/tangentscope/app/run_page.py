@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,7 @@ from .server import (
     STATIC,
     LocalServer,
     _Handler,
-    _has_display,
     _HttpError,
-    _open,
     bind_error,
     check_port,
 )
@@ -88,16 +85,7 @@ def serve_run(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0
     print(f"tangentscope: the page of {run_dir} ({n} trajector{'y' if n == 1 else 'ies'}, "
           f"{len(srv.view.metrics)} metric rows) is at {srv.url}\n"
           f"Open {srv.url} in a browser (Ctrl-C to stop).", flush=True)
-    if open_browser and _has_display():
-        import webbrowser
-
-        threading.Thread(target=_open, args=(webbrowser, srv.url), daemon=True).start()
-    try:
-        srv.serve_forever()
-    except KeyboardInterrupt:
-        print("\ntangentscope: stopping the page", flush=True)
-    finally:
-        srv.shutdown()
+    srv.serve_until_interrupted("the page", open_browser=open_browser)
 
 
 class _RunHandler(_Handler):

@@ -93,6 +93,20 @@ class LocalServer(ThreadingHTTPServer):
         finally:
             self._serving = False
 
+    def serve_until_interrupted(self, what: str, *, open_browser: bool = True) -> None:
+        """Serve in this thread until Ctrl-C (opening a browser tab where there is a display),
+        then shut down; ``what`` names the page in the stop message."""
+        if open_browser and _has_display():
+            import webbrowser
+
+            threading.Thread(target=_open, args=(webbrowser, self.url), daemon=True).start()
+        try:
+            self.serve_forever()
+        except KeyboardInterrupt:
+            print(f"\ntangentscope: stopping {what}", flush=True)
+        finally:
+            self.shutdown()
+
     def _before_shutdown(self) -> None:
         """Called first by :meth:`shutdown` (end streams, say)."""
 
@@ -212,16 +226,7 @@ def serve(host: str = "127.0.0.1", port: int = 0, open_browser: bool = True, *,
     if host not in ("127.0.0.1", "localhost", "::1"):
         print("  (listening beyond this machine: anyone who can reach this port can use it)",
               flush=True)
-    if open_browser and _has_display():
-        import webbrowser
-
-        threading.Thread(target=_open, args=(webbrowser, srv.url), daemon=True).start()
-    try:
-        srv.serve_forever()
-    except KeyboardInterrupt:
-        print("\ntangentscope: stopping the live page", flush=True)
-    finally:
-        srv.shutdown()
+    srv.serve_until_interrupted("the live page", open_browser=open_browser)
 
 
 def _has_display() -> bool:
