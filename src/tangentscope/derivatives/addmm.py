@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import CallSizes, LayerRule, batch_reason
-from .linear import bias_sq_sum, outer_per_example, outer_sq_sum, outer_sum
+from .base import batch_reason
+from .linear import RowInputRule, bias_sq_sum, outer_per_example, outer_sq_sum, outer_sum
 
 __all__ = ["AddmmRule", "group_rows"]
 
@@ -42,7 +42,7 @@ def group_rows(m: Tensor) -> Tensor:
     return m.reshape(B, -1, d)
 
 
-class AddmmRule(LayerRule):
+class AddmmRule(RowInputRule):
     """``torch.addmm(bias, a, W)`` / HF ``Conv1D``: ``z = a W + b`` with ``W (d_in, d_out)``.
 
     Kind ``"addmm"``: the structured eNTK contracts materialized per-example gradients (laid out
@@ -79,17 +79,6 @@ class AddmmRule(LayerRule):
             return "it has no input matrix"
         return batch_reason(x, batch, 2)
 
-    def data(self, bound: Mapping[str, Any]) -> dict[str, Any]:
-        return {"a": bound["input"].detach()}
-
-    def sizes(self, data: Mapping[str, Any], z: Tensor) -> CallSizes:
-        a = data["a"]
-        per = a.numel() // a.shape[0]
-        return z.shape[-1], a.shape[-1], per // a.shape[-1], per
-
-    def positions(self, data: Mapping[str, Any], c: int) -> Tensor:
-        a = data["a"]
-        return a.reshape(c, -1, a.shape[-1])
 
     def _rows(self, data: Mapping[str, Any], delta: Tensor) -> Tensor:
         """``δ (B, *z.shape[1:])`` of the module, or ``(B L, d_out)`` of the flattened call,

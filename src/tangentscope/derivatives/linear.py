@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from .base import CallSizes, LayerRule, batch_reason, ones_column
 
-__all__ = ["LinearRule", "outer_per_example", "outer_sum", "outer_sq_sum", "bias_sq_sum"]
+__all__ = ["RowInputRule", "LinearRule", "outer_per_example", "outer_sum", "outer_sq_sum",
+           "bias_sq_sum"]
 
 
 def outer_per_example(a: Tensor, d: Tensor) -> Tensor:
@@ -69,7 +70,24 @@ def bias_sq_sum(d: Tensor) -> Tensor:
     return d.sum(-2).square_().sum(-2)
 
 
-class LinearRule(LayerRule):
+class RowInputRule(LayerRule):
+    """The parts shared by rules whose layer input is rows ``a (B, ..., d_in)`` acting on the
+    last axis (``F.linear``, ``torch.addmm``): the recorded input, the sizes, the positions."""
+
+    def data(self, bound: Mapping[str, Any]) -> dict[str, Any]:
+        return {"a": bound["input"].detach()}
+
+    def sizes(self, data: Mapping[str, Any], z: Tensor) -> CallSizes:
+        a = data["a"]
+        per = a.numel() // a.shape[0]
+        return z.shape[-1], a.shape[-1], per // a.shape[-1], per
+
+    def positions(self, data: Mapping[str, Any], c: int) -> Tensor:
+        a = data["a"]
+        return a.reshape(c, -1, a.shape[-1])
+
+
+class LinearRule(RowInputRule):
     """``F.linear`` / ``nn.Linear``: ``z = a Wᵀ + b``, ``a (B, ..., d_in)``; every middle
     dimension is a position."""
 
@@ -83,17 +101,6 @@ class LinearRule(LayerRule):
     def reason(self, bound: Mapping[str, Any], batch: int | None) -> str | None:
         return batch_reason(bound["input"], batch, 2)
 
-    def data(self, bound: Mapping[str, Any]) -> dict[str, Any]:
-        return {"a": bound["input"].detach()}
-
-    def sizes(self, data: Mapping[str, Any], z: Tensor) -> CallSizes:
-        a = data["a"]
-        per = a.numel() // a.shape[0]
-        return z.shape[-1], a.shape[-1], per // a.shape[-1], per
-
-    def positions(self, data: Mapping[str, Any], c: int) -> Tensor:
-        a = data["a"]
-        return a.reshape(c, -1, a.shape[-1])
 
     def _flat(self, data: Mapping[str, Any], delta: Tensor) -> tuple[Tensor, Tensor]:
         """``a (B, L, i)`` and ``δ (B, L, o)`` (``delta (B, *z.shape[1:])``)."""
