@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, ShapeError
 from ..kernels.operator import EntkOperator, lanczos_topk
 from ..kernels.precondition import adam_preconditioner
-from ..losses import OutputLoss, get_loss
+from ..losses import OutputLoss, get_loss, hessian_matvec, sqrt_blocks
 
 __all__ = ["ParameterJump", "JumpSubspace", "parameter_jump", "apply_jump",
            "linearized_outputs", "displacement_error", "JumpRecord", "JumpSchedule", "LMStep",
@@ -105,22 +105,8 @@ class ParameterJump:
         return math.sqrt(sum(float(d.double().pow(2).sum()) for d in self.delta.values()))
 
 
-def _sqrt_blocks(B: Tensor, pinv: bool = False) -> Tensor:
-    """``B^{1/2}`` (or its pseudo-inverse) of PSD blocks ``(n, p, p)``."""
-    lam, Q = torch.linalg.eigh(0.5 * (B + B.mT))
-    lam = lam.clamp_min(0)
-    tol = float(lam.max()) * B.shape[-1] * torch.finfo(B.dtype).eps if lam.numel() else 0.0
-    root = lam.sqrt()
-    if pinv:
-        root = torch.where(lam > tol, 1.0 / root.clamp_min(torch.finfo(B.dtype).tiny),
-                           torch.zeros_like(root))
-    return (Q * root[:, None, :]) @ Q.mT
 
 
-def _bmul(blocks: Tensor, v: Tensor) -> Tensor:
-    """Block-diagonal ``(n, p, p)`` times ``v`` ``(N, c)``."""
-    n, p, _ = blocks.shape
-    return (blocks @ v.reshape(n, p, -1)).reshape(n * p, -1)
 
 
 RANK_TOL = 1e-10  # eigenvalues below RANK_TOL · λ_max count as the kernel's null space
@@ -204,11 +190,11 @@ class JumpSubspace:
             raise ShapeError(f"loss gradient has shape {tuple(g0.shape)} for outputs "
                              f"{tuple(u0.shape)}")
         B = self.lossf.hessian(u0, self.y)
-        self._C = C = _sqrt_blocks(B)
-        a = _bmul(_sqrt_blocks(B, pinv=True), g0.reshape(N, 1))[:, 0]
+        self._C = C = sqrt_blocks(B)
+        a = hessian_matvec(sqrt_blocks(B, pinv=True), g0.reshape(N, 1))[:, 0]
 
         def s_matvec(V: Tensor) -> Tensor:
-            return _bmul(C, op.matvec(_bmul(C, V)))
+            return hessian_matvec(C, op.matvec(hessian_matvec(C, V)))
 
         eig = lanczos_topk(s_matvec, N, k, dtype=op.dtype, device=op.fm.device, tol=tol,
                            max_iter=max_iter, seed=seed)
@@ -237,7 +223,7 @@ class JumpSubspace:
         op, n, p = self.op, self.n, self.p
         lam = self.eigenvalues
         zeta = self.vectors @ (_phi(lam, t, damping) * self.coefficients)
-        z = _bmul(self._C, zeta[:, None])[:, 0].reshape(n, p)
+        z = hessian_matvec(self._C, zeta[:, None])[:, 0].reshape(n, p)
         tangent = op.vjp(z)                     # Jᵀ z, parameter-shaped
         if op.D is not None:
             tangent = {name: v * op.D[name] for name, v in tangent.items()}

@@ -48,6 +48,7 @@ from torch import Tensor
 from .._utils import default_memory_budget, format_bytes, parse_bytes
 from ..errors import ConfigError, KernelTooLargeError, ShapeError
 from ..linalg import krylov_actions, phi1, phi2
+from ..losses import hessian_matvec, sqrt_blocks
 from .matfree_path import KernelPath
 
 __all__ = ["DISCRETIZATIONS", "SweepPlan", "SweepResult", "SweepStep", "MatrixFreeOperators"]
@@ -82,15 +83,8 @@ def _gd_scalars(etas: np.ndarray) -> tuple[ScalarFn, ScalarFn, ScalarFn]:
     return (lambda lam: run(lam, 0)), (lambda lam: run(lam, 1)), (lambda lam: run(lam, 2))
 
 
-def _bmul(blocks: Tensor, X: Tensor) -> Tensor:
-    """Block-diagonal ``(n, p, p)`` times ``X`` ``(n p, c)``."""
-    n, p, _ = blocks.shape
-    return (blocks @ X.reshape(n, p, -1)).reshape(n * p, -1)
 
 
-def _sqrt_blocks(B: Tensor) -> Tensor:
-    lam, Q = torch.linalg.eigh(0.5 * (B + B.mT))
-    return (Q * lam.clamp_min(0).sqrt()[:, None, :]) @ Q.mT
 
 
 def _scalar_hessian(B: Tensor) -> float | None:
@@ -113,7 +107,7 @@ class _Interval:
         self.fast = scheme == "euler" or (scheme == "gd" and len(etas) <= 1)
         b = _scalar_hessian(B)
         self.b, self.B = b, B
-        self.C = None if b is not None or self.fast else _sqrt_blocks(B)
+        self.C = None if b is not None or self.fast else sqrt_blocks(B)
         self.dims: list[int] = []
         if not self.fast:
             self.fns = _gd_scalars(etas) if scheme == "gd" else _exp_scalars(h)
@@ -137,13 +131,13 @@ class _Interval:
         return a, q
 
     def Bmul(self, X: Tensor) -> Tensor:
-        return self.b * X if self.b is not None else _bmul(self.B, X)
+        return self.b * X if self.b is not None else hessian_matvec(self.B, X)
 
     def Cmul(self, X: Tensor) -> Tensor:
         if self.b is not None:
             return math.sqrt(max(self.b, 0.0)) * X
         assert self.C is not None
-        return _bmul(self.C, X)
+        return hessian_matvec(self.C, X)
 
     def _actions(self, start: Tensor, which: tuple[int, ...]) -> list[Tensor]:
         res, info = krylov_actions(self.S, start, [self.fns[i] for i in which],

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
+from ..losses import hessian_matvec, sqrt_blocks
 from .trajectory import KernelTrajectory
 
 __all__ = ["DISCRETIZATIONS", "WindowOperators", "IdentityResiduals", "accumulate_operators",
@@ -92,16 +93,8 @@ def _scalars_gd(lam: Tensor, etas: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
 
 
 # -- one interval --------------------------------------------------------------------------------
-def _bmul(blocks: Tensor, X: Tensor) -> Tensor:
-    """Block-diagonal ``(n, p, p)`` times ``X`` ``(n p, k)``."""
-    n, p, _ = blocks.shape
-    return (blocks @ X.reshape(n, p, -1)).reshape(n * p, -1)
 
 
-def _sqrt_blocks(B: Tensor) -> Tensor:
-    """``B^{1/2}`` of PSD blocks ``(n, p, p)`` (rounding negatives clipped to 0)."""
-    lam, Q = torch.linalg.eigh(0.5 * (B + B.mT))
-    return (Q * lam.clamp_min(0).sqrt()[:, None, :]) @ Q.mT
 
 
 def _diag_scalars(scheme: str, lamK: Tensor, b: float, etas: np.ndarray
@@ -154,14 +147,14 @@ class _Interval:
             self.KQV = None if KQ is None else KQ @ V
             return
         self.path = "general"
-        C = _sqrt_blocks(B)
-        CK = _bmul(C, K)
-        lam, V = torch.linalg.eigh(_bmul(C, CK.T.contiguous()))
+        C = sqrt_blocks(B)
+        CK = hessian_matvec(C, K)
+        lam, V = torch.linalg.eigh(hessian_matvec(C, CK.T.contiguous()))
         lam = lam.clamp_min(0)
         self.C, self.V = C, V
         self.psi, self.w, self.q = (_scalars_gd(lam, etas) if scheme == "gd"
                                     else _scalars_exp(lam, self.h))
-        self.KQCV = None if KQ is None else _bmul(C, KQ.T.contiguous()).T @ V
+        self.KQCV = None if KQ is None else hessian_matvec(C, KQ.T.contiguous()).T @ V
 
     def apply(self, X: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(E X, Xᵀ M X, F X)``."""
@@ -172,12 +165,12 @@ class _Interval:
             return self.V @ (self.e[:, None] * Y), Y.T @ (self.m[:, None] * Y), FX
         KX = K @ X
         if self.path == "fast":
-            BKX = _bmul(self.B, KX)
+            BKX = hessian_matvec(self.B, KX)
             # Xᵀ M X with M = hK (euler) or hK − (h²/2) K B K (gd), K symmetric: one product
             Z = h * X if self.scheme == "euler" else h * X - 0.5 * h * h * BKX
             return X - h * BKX, KX.T @ Z, None if KQ is None else h * (KQ @ X)
-        Y = self.V.T @ _bmul(self.C, KX)                      # Vᵀ C K X
-        EX = X + _bmul(self.C, self.V @ (self.psi[:, None] * Y))
+        Y = self.V.T @ hessian_matvec(self.C, KX)                      # Vᵀ C K X
+        EX = X + hessian_matvec(self.C, self.V @ (self.psi[:, None] * Y))
         dW = h * (KX.T @ X) + Y.T @ (self.w[:, None] * Y)      # Xᵀ (hK + K C V w Vᵀ C K) X
         FX = None if KQ is None else h * (KQ @ X) + self.KQCV @ (self.q[:, None] * Y)
         return EX, dW, FX

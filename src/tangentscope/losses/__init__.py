@@ -14,6 +14,7 @@ from .output import (
     dense_hessian,
     get_loss,
     hessian_matvec,
+    sqrt_blocks,
 )
 from .preference import (  # area E: the preference losses
     PREFERENCE_LOSSES,
@@ -25,6 +26,6 @@ from .preference import (  # area E: the preference losses
 )
 
 __all__ = ["OutputLoss", "SquaredLoss", "SoftmaxCrossEntropy", "PerExampleLoss", "get_loss",
-           "dense_hessian", "hessian_matvec"]
+           "dense_hessian", "hessian_matvec", "sqrt_blocks"]
 __all__ += ["PREFERENCE_LOSSES", "dpo_loss", "conservative_dpo_loss", "robust_dpo_loss",
             "preference_loss", "trl_loss_kwargs"]

@@ -24,7 +24,7 @@ from torch.func import grad, hessian, vmap
 from ..errors import ShapeError
 
 __all__ = ["OutputLoss", "SquaredLoss", "SoftmaxCrossEntropy", "PerExampleLoss", "get_loss",
-           "dense_hessian", "hessian_matvec"]
+           "dense_hessian", "hessian_matvec", "sqrt_blocks"]
 
 Reduction = Literal["mean", "sum"]
 
@@ -202,5 +202,18 @@ def hessian_matvec(blocks: Tensor, v: Tensor) -> Tensor:
     n, p, _ = blocks.shape
     if v.dim() == 1:
         return torch.einsum("iab,ib->ia", blocks, v.reshape(n, p)).reshape(-1)
-    k = v.shape[1]
-    return torch.einsum("iab,ibk->iak", blocks, v.reshape(n, p, k)).reshape(n * p, k)
+    return (blocks @ v.reshape(n, p, -1)).reshape(n * p, -1)
+
+
+def sqrt_blocks(blocks: Tensor, pinv: bool = False) -> Tensor:
+    """``B^{1/2}`` of PSD blocks ``(n, p, p)`` (rounding negatives clipped to 0), or with
+    ``pinv=True`` the pseudo-inverse of ``B^{1/2}`` (eigenvalues below ``p·ε·λ_max`` dropped)."""
+    lam, Q = torch.linalg.eigh(0.5 * (blocks + blocks.mT))
+    lam = lam.clamp_min(0)
+    root = lam.sqrt()
+    if pinv:
+        tol = float(lam.max()) * blocks.shape[-1] * torch.finfo(blocks.dtype).eps \
+            if lam.numel() else 0.0
+        root = torch.where(lam > tol, 1.0 / root.clamp_min(torch.finfo(blocks.dtype).tiny),
+                           torch.zeros_like(root))
+    return (Q * root[:, None, :]) @ Q.mT
