@@ -428,6 +428,7 @@ def _dist_worker(rank, world, init, payload, out):
                "u": path.u(2), "U_Q": path.U_Q(2)}
         if rank == 0:
             torch.save(res, out)
+        dist.barrier()      # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -311,6 +311,7 @@ def _ddp_worker(rank, world, init_file, out_file, bucket_view):
             m = got[id(p)]
             out.append((m.count, m.grad_sum, m.grad_sq_sum, p.grad.clone(), cs))
         torch.save(out, out_file)
+    dist.barrier()          # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
@@ -367,6 +368,7 @@ def _sources_worker(rank, world, init_file, out_dir):
             opt.step()
         out[source] = ({n: p.detach().clone() for n, p in model.named_parameters()}, first)
     torch.save(out, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()          # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
