@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import tangentscope as ts
+from tangentscope.kernels import _factors as FA
 from tangentscope.kernels import structured as S
+from tangentscope.models import resnet8x
 from zoo import MODELS, ZOO, Convs, Shared, Tokens, brute_force_entk, inputs_for, kind, make_mlp
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -96,6 +98,57 @@ def test_symmetric_strips_chunks_and_budget(route):
     est = ts.estimate_memory(model, x1, implementation="structured")
     K = structured(model, x1, memory_budget=est["output"] + est["working"] // 6)
     torch.testing.assert_close(K, ref, **TOL)
+
+
+@pytest.mark.parametrize("by_block", [True, False])
+@pytest.mark.parametrize("setting", [s for s in ZOO if s.name in ("resnet8x", "resnet20")],
+                         ids=lambda s: s.name)
+def test_one_chunk_symmetric_kernel_block_by_block_or_in_strips(setting, by_block, route,
+                                                               monkeypatch):
+    """The one-chunk symmetric kernel contracted block by block (factors released as it goes)
+    and strip by strip (all factors held) both equal the brute force, with groups, a
+    preconditioner and traced outputs; a second chunk never goes block by block."""
+    monkeypatch.setattr(S, "_by_block", lambda *a: by_block)
+    used = []
+    real = S._diagonal_by_block
+    monkeypatch.setattr(S, "_diagonal_by_block", lambda *a: used.append(1) or real(*a))
+    model = setting.build()
+    x = setting.inputs(7, 1)  # 7 rows: several strips of the Gram
+    ref = brute_force_entk(model, x)
+    torch.testing.assert_close(structured(model, x), ref, **TOL)
+    assert bool(used) == by_block
+    torch.testing.assert_close(structured(model, x, trace_outputs=True),
+                               ref.diagonal(dim1=2, dim2=3).sum(-1), **TOL)
+    got = structured(model, x, groups="layer")
+    torch.testing.assert_close(sum(got.values()), ref, **TOL)
+    P = sum(q.numel() for q in model.parameters())
+    d = torch.rand(P, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.1
+    torch.testing.assert_close(structured(model, x, precondition=d),
+                               brute_force_entk(model, x, d=d), **TOL)
+    used.clear()
+    torch.testing.assert_close(structured(model, x, chunk_size=4), ref, **TOL)
+    assert not used
+
+
+def test_one_output_streams_blocks_through_the_single_backward(route):
+    """p = 1: the one backward's gradients are the sensitivities, and streamed blocks (convs at
+    many positions, BatchNorm) are formed from it."""
+    from zoo import with_bn_stats
+    model = with_bn_stats(resnet8x(1, width=2, blocks=1))
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    ref = brute_force_entk(model, x)
+    torch.testing.assert_close(structured(model, x), ref, **TOL)
+    torch.testing.assert_close(structured(model, x, chunk_size=2), ref, **TOL)
+
+
+def test_early_convolutions_stream_and_late_ones_are_formed_after_the_backward():
+    """Which materialized blocks are formed output by output during the backward passes."""
+    model = resnet8x(10).eval()
+    plan = S.structured_plan(model, torch.randn(2, 3, 32, 32))
+    blocks = {b.names[0]: b for b in plan.blocks}
+    assert FA.streams(blocks["stem.weight"]) and FA.streams(blocks["blocks.0.conv1.weight"])
+    assert FA.streams(blocks["bn.weight"])
+    assert not FA.streams(blocks["blocks.7.conv2.weight"])  # 16 positions, 1,152 features
 
 
 # -- groups and preconditioners ---------------------------------------------------------------

@@ -44,6 +44,29 @@ def unfold(data: Mapping[str, Any]) -> Tensor:
     return cols.reshape(cols.shape[0], data["groups"], -1, cols.shape[-1])
 
 
+def _weight_grads(data: Mapping[str, Any], dl: Tensor) -> Tensor:
+    """Per-example, per-output weight gradients ``(B, P, g, C_out/g, C_in/g · k)`` of a recorded
+    convolution from its sensitivities ``dl (B, P, g, C_out/g, L)``, without unfolding: the
+    weight gradient of one convolution with ``B · g`` groups, example ``i``'s channels its own
+    groups and its ``P`` outputs' sensitivities their output channels (patch features in
+    :func:`unfold`'s order)."""
+    (t, bo), (le, r) = data["pads"]
+    a, (kh, kw), (sh, sw), (dh, dw) = data["a"], data["kernel"], data["stride"], data["dilation"]
+    if data["mode"] != "constant" or t != bo or le != r:
+        a = F.pad(a, (le, r, t, bo), mode=data["mode"]) if data["mode"] != "constant" else \
+            F.pad(a, (le, r, t, bo))
+        t = le = 0
+    B, P, g, o = dl.shape[:4]
+    hp, wp = a.shape[2] + 2 * t, a.shape[3] + 2 * le
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    grad_out = dl.transpose(1, 2).reshape(1, B * g * P * o, ho, wo)
+    shape = [B * g * P * o, a.shape[1] // g, kh, kw]
+    w = torch.ops.aten.convolution_backward(
+        grad_out, a.reshape(1, -1, a.shape[2], a.shape[3]), a.new_empty(shape), None,
+        [sh, sw], [t, le], [dh, dw], False, [0, 0], B * g, [False, True, False])[1]
+    return w.reshape(B, g, P, o, -1).transpose(1, 2)
+
+
 class ConvRule(LayerRule):
     """``F.conv1d``/``F.conv2d`` and ``nn.Conv1d``/``nn.Conv2d`` (``nd`` = 1 or 2)."""
 
@@ -114,10 +137,14 @@ class ConvRule(LayerRule):
         dl = delta.reshape(B, P, g, C // g, -1)
         if roles == ("bias",):
             return dl.sum(-1).reshape(B, P, C)
-        cols = unfold(data)
+        q = data["a"].shape[1] // g * data["kernel"][0] * data["kernel"][1]
+        if dl.shape[-1] >= q:  # many positions: the convolution's own weight gradient
+            w = _weight_grads(data, dl)
+        else:  # few positions, many patch features: one product with the unfolded patches
+            w = torch.einsum("bpgol,bgql->bpgoq", dl, unfold(data))
         if "bias" in roles:
-            cols = torch.cat([cols, cols.new_ones(B, g, 1, cols.shape[-1])], dim=2)
-        return torch.einsum("bpgol,bgql->bpgoq", dl, cols).reshape(B, P, -1)
+            w = torch.cat([w, dl.sum(-1, keepdim=True)], dim=-1)
+        return w.reshape(B, P, -1)
 
     def _grouped(self, data: Mapping[str, Any], delta: Tensor) -> tuple[Tensor, Tensor]:
         """Patches ``(g, B, L, i)`` and sensitivities ``(g, B, L, o)`` (stack dim ``g``)."""

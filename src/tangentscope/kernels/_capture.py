@@ -225,6 +225,13 @@ def sensitivities(rec: Recording, p: int, keep: Sequence[bool] | None = None,
     zs = [c.z for c in rec.calls]
     out = rec.out
     keep = [True] * len(zs) if keep is None else keep
+    if p == 1 and out.requires_grad:  # one backward: its gradients are the sensitivities
+        with torch.enable_grad():
+            f0 = out[:, 0].sum()
+        gs = torch.autograd.grad(f0, zs, allow_unused=True, materialize_grads=True)
+        if each is not None:
+            each(0, gs)
+        return [g.unsqueeze(1) if k else None for g, k in zip(gs, keep)]
     deltas: list[Tensor | None] = [
         torch.zeros(z.shape[0], p, *z.shape[1:], dtype=z.dtype, device=z.device) if k else None
         for z, k in zip(zs, keep)]  # filled output by output: no list of p copies to stack

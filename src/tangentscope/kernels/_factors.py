@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ._capture import Recording, sensitivities
 
-__all__ = ["Block", "Side", "contract_block", "block_preconditioner"]
+__all__ = ["Block", "Side", "contract_block", "block_preconditioner", "streams"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -53,6 +53,14 @@ class Block:
     groups: int = 1
 
 
+def streams(b: Block) -> bool:
+    """Whether a materialized block is formed output by output during the backward passes:
+    its per-example gradient (``m = d_out · d_in`` per output) is smaller than its
+    sensitivities (``d_out · L``), as for normalizations and for convolutions at more output
+    positions than patch features (the early layers of a CNN)."""
+    return b.kind == "norm" or (b.kind in ("linear", "conv") and b.d_in < b.L)
+
+
 # -- one chunk of inputs ----------------------------------------------------------------------
 class _Kept(NamedTuple):
     """What a chunk keeps of a recorded call once its sensitivities are known."""
@@ -67,12 +75,14 @@ class Side:
     With ``routes`` (block → route, fixed for the whole kernel) the blocks routed
     ``"materialize"`` are formed at once, in call order, and the sensitivities and recorded
     inputs that no other route reads are dropped as soon as they are used: the chunk then holds
-    per-example gradients of those blocks instead of their (often larger) ``δ``. Normalization
-    blocks are even formed output by output during the backward passes (their gradient
-    ``Σ_s δ ⊙ x̂`` is cheap), so their ``δ`` are never held for all outputs at once.
+    per-example gradients of those blocks instead of their (often larger) ``δ``. Blocks whose
+    gradient is smaller than their ``δ`` (:func:`streams`: normalizations, and convolutions or
+    linear layers with more positions than input features) are even formed output by output
+    during the backward passes, so their ``δ`` are never held for all outputs at once.
     """
 
-    def __init__(self, rec: Recording, p: int, routes: Mapping[Block, str] | None = None):
+    def __init__(self, rec: Recording, p: int, routes: Mapping[Block, str] | None = None,
+                 form: bool = True):
         self.c, self.p = rec.out.shape[0], p
         self.out = rec.out.detach()
         self.differentiable = bool(rec.out.requires_grad)
@@ -80,14 +90,28 @@ class Side:
         keep, each = self._streamed(rec, routes or {})
         self.delta: list[Any] = sensitivities(rec, p, keep, each)
         self.calls: list[Any] = [_Kept(c.rule, c.data) for c in rec.calls]  # no outputs z
-        if routes:
+        self._readers: dict[int, int] = {}
+        for b in routes or {}:
+            for k in b.calls:
+                self._readers[k] = self._readers.get(k, 0) + 1
+        if routes and form:
             self._form(routes)
+
+    def release(self, b: Block) -> None:
+        """Drop block ``b``'s cached factors, and the sensitivities and recorded inputs that no
+        other block reads (a side contracted block by block, used once)."""
+        for key in ("X", "XD", "U", "V", "V1", "tok"):
+            self.cache.pop((key, b), None)
+        for k in b.calls:
+            self._readers[k] -= 1
+            if not self._readers[k]:
+                self.delta[k] = self.calls[k] = None
 
     def _streamed(self, rec: Recording, routes: Mapping[Block, str]
                   ) -> tuple[list[bool] | None, Callable[[int, tuple[Tensor, ...]], None] | None]:
         """Which calls' ``δ`` to keep, and the per-output reduction forming the streamed
-        (normalization) blocks into the cache."""
-        stream = [b for b, r in routes.items() if r == "materialize" and b.kind == "norm"]
+        blocks (:func:`streams`) into the cache."""
+        stream = [b for b, r in routes.items() if r == "materialize" and streams(b)]
         if not stream:
             return None, None
         used = {k for b in routes if b not in stream for k in b.calls}

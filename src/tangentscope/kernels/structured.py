@@ -39,7 +39,7 @@ from .._utils import progress
 from ..errors import TangentscopeError, UnsupportedModelError
 from . import _jacobian
 from ._capture import Recording, record
-from ._factors import Block, Side, block_preconditioner, contract_block
+from ._factors import Block, Side, block_preconditioner, contract_block, streams
 from ._plan import (
     SAFETY,
     Request,
@@ -215,13 +215,13 @@ _DATA_DEPENDENT = ("the model's forward records different layer calls for differ
 
 
 def _side(fm: FunctionalModel, plan: StructuredPlan, x: Tensor,
-          routes: Mapping[Block, str] | None = None) -> Side:
+          routes: Mapping[Block, str] | None = None, form: bool = True) -> Side:
     """Record one chunk and check it against the plan (same calls, no new generic use);
-    ``routes``: see :class:`~tangentscope.kernels._factors.Side`."""
+    ``routes``, ``form``: see :class:`~tangentscope.kernels._factors.Side`."""
     rec = record(fm.apply, fm.params, x, skip=plan.generic)
     if _sig(rec) != plan.call_sig or not set(rec.generic) <= set(plan.generic):
         raise DataDependentForward(_DATA_DEPENDENT)
-    return Side(rec, plan.p, routes)
+    return Side(rec, plan.p, routes, form)
 
 
 def supports(fm: FunctionalModel, x: Tensor) -> bool:
@@ -282,11 +282,12 @@ def working_floats(plan: StructuredPlan, trace: bool, has_precondition: bool,
     recorded side serves as both).
 
     The recording graph of one chunk; per chunk its recorded inputs and the larger of its
-    sensitivities (right after the backward passes; those of normalizations already reduced to
-    per-example gradients) and what it keeps once the materialized blocks are formed (their
-    per-example gradients, the sensitivities of the other blocks); cached unfolded convolution
-    inputs (positional route), the largest contraction or unfolding temporary and the block
-    accumulators.
+    sensitivities right after the backward passes (less those of the streamed blocks,
+    :func:`~tangentscope.kernels._factors.streams`, already reduced to per-example gradients)
+    and what it keeps once the materialized blocks are formed (their per-example gradients —
+    only the largest at a time when a one-chunk symmetric kernel goes block by block — and the
+    sensitivities of the other blocks); cached unfolded convolution inputs (positional route),
+    the largest contraction or unfolding temporary and the block accumulators.
     """
     rec_in, rec_out = plan.recorded
     p = plan.p
@@ -294,25 +295,38 @@ def working_floats(plan: StructuredPlan, trace: bool, has_precondition: bool,
     def work(c1: int, c2: int, single: bool = False) -> float:
         sides = c1 if single else c1 + c2
         rows = _strips(c1, p)[0].stop if single else c1  # a diagonal chunk goes in strips
-        formed, streamed, kept, cached, temp = 0.0, 0.0, 0.0, 0.0, 0.0
+        formed, streamed, dropped, kept, cached, temp = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+        largest, pending = 0.0, 0.0  # by block: the largest gradient, the δ not yet formed
+        routes: dict[Block, str] = {}
         for b in plan.blocks:
             costs = _route_costs(b, c1, c2, p, trace, has_precondition)
-            r = min(costs, key=lambda k: costs[k][0])
+            r = routes[b] = min(costs, key=lambda k: costs[k][0])
             if rows < c1:
                 costs = _route_costs(b, rows, c2, p, trace, has_precondition)
             patches = b.L * b.d_in if b.kind == "conv" and b.roles != ("bias",) else 0
             if r == "materialize":
-                formed += p * b.m
-                streamed += p * b.m * (b.kind == "norm")
                 cached += c1 * has_precondition * p * b.m
-                temp = max(temp, costs[r][1], max(c1, c2) * patches)  # one unfold at a time
+                if streams(b):
+                    streamed += p * b.m
+                    dropped += p * b.d_out * b.L * (b.kind != "norm")
+                else:
+                    formed += p * b.m
+                    largest = max(largest, p * b.m)
+                    pending += p * b.d_out * b.L
+                temp = max(temp, costs[r][1], max(c1, c2) * patches * (b.d_in > b.L))
             else:
                 kept += p * b.L * b.d_out
                 temp = max(temp, costs[r][1])
                 cached += sides * patches * (1 + ("bias" in b.roles))  # V (and V1)
-        held = max(p * (rec_out - plan.norm_out) + streamed, kept + formed)
-        side = sides * (rec_in + held) + max(c1, c2) * plan.graph
-        return side + cached + temp + 2 * n_groups * c1 * c2 * (p if trace else p * p)
+        acc = 2 * n_groups * c1 * c2 * (p if trace else p * p)
+        by_block = single and _by_block(plan, routes, c1, trace, n_groups)
+        after = kept + streamed + (pending + largest if by_block else formed)
+        during = p * (rec_out - plan.norm_out) - dropped + streamed  # the backward passes
+        # a chunk is recorded (graph, backward) while the other side, if any, is held formed
+        backward = (c1 if single else c2) * (rec_in + during + plan.graph) + (
+            0 if single else c1 * (rec_in + after))
+        contract = sides * (rec_in + after) + cached + temp
+        return max(backward, contract) + acc
 
     return work
 
@@ -368,6 +382,27 @@ def _shift(sl: slice, start: int) -> slice:
     return slice(sl.start + start, sl.stop + start)
 
 
+def _write(out: dict[str, Tensor], zero: dict[str, bool], g: str, acc: Tensor, a: slice,
+           b: slice, trace: bool, p: int, mirror_from: int | None, direct: bool = False
+           ) -> None:
+    """Copy (or add) a contracted ``acc`` ``(c1 p, c2 p)`` / traced ``(c1, c2)`` into
+    ``out[g][a, b]`` (``direct``: it already is that block, in the output's layout); with
+    ``mirror_from = k`` also the transpose of its columns ``k:`` into ``out[g][b[k:], a]``
+    (the lower triangle of a symmetric kernel)."""
+    c1, c2 = a.stop - a.start, b.stop - b.start
+    kb = acc if trace else acc.view(c1, p, c2, p).permute(0, 2, 1, 3)
+    targets = [] if direct else [(a, b, kb)]
+    if mirror_from is not None and mirror_from < c2:
+        k = kb[:, mirror_from:]
+        targets.append((slice(b.start + mirror_from, b.stop), a,
+                        k.transpose(0, 1) if trace else k.permute(1, 0, 3, 2)))
+    for r, c, k in targets:
+        if zero[g]:
+            out[g][r, c] = k
+        else:
+            out[g][r, c] += k
+
+
 def _add_pair(out: dict[str, Tensor], zero: dict[str, bool], plan: StructuredPlan,
               dmap: Mapping[Block, Tensor], s1: Any, s2: Any, a: slice, b: slice,
               trace: bool, groups: dict | None, mirror_from: int | None,
@@ -388,17 +423,40 @@ def _add_pair(out: dict[str, Tensor], zero: dict[str, bool], plan: StructuredPla
             if groups and blk.group != g:
                 continue
             contract_block(acc, blk, s1, s2, routes[blk], trace, dmap.get(blk))
-        kb = acc if trace else acc.view(c1, p, c2, p).permute(0, 2, 1, 3)
-        targets = [] if direct else [(a, b, kb)]
-        if mirror_from is not None and mirror_from < c2:
-            k = kb[:, mirror_from:]
-            targets.append((slice(b.start + mirror_from, b.stop), a,
-                            k.transpose(0, 1) if trace else k.permute(1, 0, 3, 2)))
-        for r, c, k in targets:
-            if zero[g]:
-                out[g][r, c] = k
-            else:
-                out[g][r, c] += k
+        _write(out, zero, g, acc, a, b, trace, p, mirror_from, direct)
+
+
+def _by_block(plan: StructuredPlan, routes: Mapping[Block, str], c: int, trace: bool,
+              n_groups: int = 1) -> bool:
+    """Whether a one-chunk symmetric kernel is better contracted block by block (each block's
+    factors formed, used and dropped in turn): when the materialized per-example gradients
+    held at once would outweigh the strips' accumulators (one set per group)."""
+    p = plan.p
+    held = sum(c * p * b.m for b in plan.blocks if routes[b] == "materialize" and not streams(b))
+    return held > n_groups * (c * c if trace else (c * p) ** 2)
+
+
+def _diagonal_by_block(out: dict[str, Tensor], zero: dict[str, bool], plan: StructuredPlan,
+                       dmap: Mapping[Block, Tensor], side: Side, a: slice, trace: bool,
+                       groups: dict | None, routes: Mapping[Block, str]) -> None:
+    """The symmetric kernel of one chunk (upper-triangle strips), block by block: each block
+    is contracted over every strip, then its factors are released."""
+    p = plan.p
+    strips = _strips(side.c, p)
+    accs = {g: [torch.zeros((u.stop - u.start) * (1 if trace else p),
+                            (side.c - u.start) * (1 if trace else p),
+                            dtype=out[g].dtype, device=out[g].device) for u in strips]
+            for g in out}
+    for blk in plan.blocks:
+        for u, acc in zip(strips, accs.get(blk.group if groups else "", [])):
+            contract_block(acc, blk, side.rows(u), side.rows(slice(u.start, side.c)),
+                           routes[blk], trace, dmap.get(blk))
+        side.release(blk)
+    for g, row in accs.items():
+        for u, acc in zip(strips, row):
+            _write(out, zero, g, acc, _shift(u, a.start), _shift(slice(u.start, side.c),
+                                                                 a.start),
+                   trace, p, u.stop - u.start)
 
 
 def compute(req: Request, c: int, plan: StructuredPlan) -> Tensor | dict[str, Tensor]:
@@ -419,8 +477,9 @@ def compute(req: Request, c: int, plan: StructuredPlan) -> Tensor | dict[str, Te
     # one route per block for the whole kernel, chosen at the full chunk size (the strips of a
     # diagonal chunk and a ragged last chunk share the factors cached for it)
     routes = {b: _route(b, min(c, n1), min(c, n2), p, trace, D is not None) for b in plan.blocks}
+    one = sym and first.stop >= n1 and _by_block(plan, routes, first.stop, trace, len(keys))
     with torch.no_grad():
-        side_a = _side(fm, plan, x1[first], routes)
+        side_a = _side(fm, plan, x1[first], routes, form=not one)
         if not side_a.differentiable:
             probe(req)  # raises: the output has no graph to the parameters
         if plan.out1 is not None:  # examples independent: x[0] alone vs in the first chunk
@@ -443,7 +502,9 @@ def compute(req: Request, c: int, plan: StructuredPlan) -> Tensor | dict[str, Te
                              disable=not req.show_progress or None):
             if cur_a != a.start:
                 side_a, cur_a = _side(fm, plan, x1[a], routes), a.start
-            if sym and a == b:  # strips of the upper triangle of the symmetric Gram
+            if one:  # the whole kernel is one chunk: block by block, factors dropped
+                _diagonal_by_block(out, zero, plan, dmap, side_a, a, trace, groups, routes)
+            elif sym and a == b:  # strips of the upper triangle of the symmetric Gram
                 for u in _strips(side_a.c, p):
                     rest = slice(u.start, side_a.c)
                     _add_pair(out, zero, plan, dmap, side_a.rows(u), side_a.rows(rest),
