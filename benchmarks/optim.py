@@ -124,6 +124,8 @@ STEP_MAKERS: dict[str, Callable[[Any], Any]] = {
     "torch_adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
     "gated_off": lambda ps: GatedAdamW(ps, lr=1e-4, gate=False),
     "gated_off_fused": lambda ps: GatedAdamW(ps, lr=1e-4, gate=False, fused=True),
+    "gated_off_fused_noguard": lambda ps: GatedAdamW(ps, lr=1e-4, gate=False, fused=True,
+                                                     nonfinite="ignore"),
     "gated_off_eager": lambda ps: GatedAdamW(ps, lr=1e-4, gate=False, fused=False),
     "gated_streaming_hard_update": lambda ps: GatedAdamW(ps, lr=1e-4),
     "gated_streaming_hard_update_fused": lambda ps: GatedAdamW(ps, lr=1e-4, fused=True),
@@ -142,7 +144,8 @@ STEP_MAKERS: dict[str, Callable[[Any], Any]] = {
 }
 #: the subset timed on the large model (each keeps its own state: memory)
 LARGE_MAKERS = ("torch_adamw_fused", "torch_adamw_foreach", "gated_off", "gated_off_fused",
-                "gated_streaming_hard_update", "gated_streaming_hard_update_fused",
+                "gated_off_fused_noguard", "gated_streaming_hard_update",
+                "gated_streaming_hard_update_fused", "gated_streaming_hard_update_fused_noguard",
                 "gated_streaming_hard_update_eager")
 
 

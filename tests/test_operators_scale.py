@@ -61,3 +61,39 @@ def test_bad_configs_are_refused():
         Config(snapshots=1)
     assert Config(widths=(16, 64, 128)).analysis_width == 64
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_double_descent_verdict_is_not_testable_below_the_threshold():
+    """A width grid that never reaches P ≈ N cannot show the peak: the verdict says so rather
+    than "not reproduced"; a grid across it is judged."""
+    from tangentscope.experiments.operators_scale import _double_descent
+
+    def row(w, ratio, err, vis):
+        st = lambda v: {"median": v, "min": v, "max": v}
+        return {"width": w, "params_over_N": st(ratio), "test_error": st(err),
+                "noise_test_rms": st(vis), "noise_soft_fraction": st(0.1)}
+    below = [row(16, 0.01, 0.5, 0.1), row(64, 0.07, 0.6, 0.3), row(128, 0.2, 0.4, 0.2)]
+    assert "not testable" in _double_descent(below) and "P/N ≤ 0.20" in _double_descent(below)
+    across = [row(16, 0.1, 0.5, 0.1), row(64, 0.9, 0.6, 0.3), row(128, 1.4, 0.4, 0.2)]
+    assert "consistent at this scale" in _double_descent(across)
+    across[1] = row(64, 0.9, 0.3, 0.3)
+    assert "not reproduced" in _double_descent(across)
+
+
+def test_benign_verdict_needs_interpolation():
+    """The toy claim concerns the interpolating end state: below it the verdict is "not
+    testable", above it the noise's place and G_Q's accuracy decide."""
+    from tangentscope.experiments.operators_scale import Config, _benign
+    st = lambda v: {"median": v, "min": v, "max": v}
+
+    def row(fitted, soft, share, pred, act):
+        return {"N": 1000, "width": 64, "params_over_N": st(2.0), "flips_fitted": st(fitted),
+                "noise_soft_fraction": st(soft), "noise_channel_share": st(share),
+                "noise_test_rms": st(pred), "actual_noise_test_rms": st(act),
+                "benign_index": st(0.1), "test_error": st(0.2), "twin_test_error": st(0.19)}
+    cfg = Config()
+    assert "not testable here" in _benign(cfg, row(0.2, 0.1, 0.1, 0.1, 0.2))
+    assert "holds here" in _benign(cfg, row(1.0, 1.0, 0.9, 0.19, 0.2))
+    assert "does not hold as stated here (the fitted noise" in _benign(
+        cfg, row(1.0, 1.0, 0.2, 0.19, 0.2))
+    assert _benign(cfg, row(1.0, 1.0, 0.9, 0.05, 0.2)).endswith("does not hold as stated here.")

@@ -29,7 +29,7 @@ discretization) as ``dense_agreement``.
 
     tangentscope run operators-scale --preset smoke
     tangentscope run operators-scale --preset medium     # N = 10,000
-    tangentscope run operators-scale --preset full       # N = 100,000 (not run here)
+    tangentscope run operators-scale --preset full       # N = 100,000, one seed (~1.5 CPU-h)
 """
 
 from __future__ import annotations
@@ -178,6 +178,15 @@ def _benign(cfg: Config, row: Mapping[str, Any]) -> str:
         share) else ("fitted" if soft > 0.5 else "mostly unfitted")
     acc = abs(pred - act) / act if act > 0 else float("nan")
     held = share > 0.5 and soft > 0.9 and fitted > 0.9
+    if fitted < 0.9:  # the claim is about the interpolating end state
+        verdict = (f"not testable here: the network does not interpolate the noisy labels "
+                   f"(it fitted {100 * fitted:.0f}% of the flips; the claim is about the "
+                   "interpolating end state)")
+    elif held and acc < 0.5:
+        verdict = "holds here"
+    else:
+        verdict = ("does not hold as stated here" + (
+            "" if held else " (the fitted noise is not in the channel at this P/N)"))
     return (f"Benign overfitting at N = {row['N']}, width {row['width']} (P/N = "
             f"{_med(row, 'params_over_N'):.2f}): the network fitted {100 * fitted:.0f}% of the "
             f"flipped labels; the noise's soft fraction is {_fmt(row, 'noise_soft_fraction')} "
@@ -186,9 +195,7 @@ def _benign(cfg: Config, row: Mapping[str, Any]) -> str:
             f"{_fmt(row, 'test_error')} vs twin {_fmt(row, 'twin_test_error')}). ‖G_Q g_noise‖ "
             f"(RMS {pred:.3g}) against the measured noisy-minus-twin displacement (RMS "
             f"{act:.3g}): off by {100 * acc:.0f}%. Toy-scale verdict (noise fitted into the "
-            f"channel, its test cost set by G_Q g_noise): "
-            f"{'holds' if held and acc < 0.5 else 'does not hold as stated'} here"
-            f"{'' if held else ' (the noise is not fitted into the channel at this P/N)'}.")
+            f"channel, its test cost set by G_Q g_noise): {verdict}.")
 
 
 def _double_descent(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -200,15 +207,19 @@ def _double_descent(rows: Sequence[Mapping[str, Any]]) -> str:
     i, j = max(range(len(errs)), key=errs.__getitem__), max(range(len(vis)), key=vis.__getitem__)
     ratio = [f"{_med(r, 'params_over_N'):.2f}" for r in rows]
     peak = 0 < i < len(rows) - 1
+    below = max(_med(r, "params_over_N") for r in rows) < 1
+    verdict = ("not testable: every width stays below the interpolation threshold P ≈ N "
+               f"(P/N ≤ {max(_med(r, 'params_over_N') for r in rows):.2f}), where the peak "
+               "would be" if below else
+               ("consistent" if peak and i == j else "not reproduced")
+               + " at this scale and width grid")
     return (f"Double descent over widths {[r['width'] for r in rows]} (P/N = {ratio}): median "
             f"test error {[round(e, 3) for e in errs]}; "
             + (f"an interior peak at width {rows[i]['width']} (P/N = {ratio[i]})"
                if peak else "no interior peak (monotone or at an end)")
             + f"; ‖G_Q g_noise‖ is largest at width {rows[j]['width']}; noise soft fraction "
             f"{[round(_med(r, 'noise_soft_fraction'), 3) for r in rows]}. Toy-scale verdict "
-            "(peak at the threshold, ‖G_Q g_noise‖ peaking there): "
-            + ("consistent" if peak and i == j else "not reproduced") + " at this scale and "
-            "width grid.")
+            f"(peak at the threshold, ‖G_Q g_noise‖ peaking there): {verdict}.")
 
 
 def summarize(cfg: Config, cells: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -269,8 +280,8 @@ EXPERIMENT = Experiment(
                       dense_n=12, dense_steps=8, data="gmm"),
         "medium": dict(widths=(16, 64, 96), steps=3000, snapshots=14, slq_probes=2,
                        slq_steps=10, k_channel=2, channel_tol=3e-2),
-        "full": dict(n_train=10000, n_test=2000, n_probe=1000, steps=3000, snapshots=14,
-                     slq_probes=4, slq_steps=20, k_kernel=32, k_channel=32,
+        "full": dict(seeds=1, n_train=10000, n_test=2000, n_probe=1000, steps=3000,
+                     snapshots=14, slq_probes=4, slq_steps=20, k_kernel=32, k_channel=32,
                      channel_tol=1e-3),
     },
     description="W_S, G_Q and the channel matrix-free at N = 10^4–10^5; benign overfitting "
