@@ -78,7 +78,9 @@ class Side:
     per-example gradients of those blocks instead of their (often larger) ``δ``. Blocks whose
     gradient is smaller than their ``δ`` (:func:`streams`: normalizations, and convolutions or
     linear layers with more positions than input features) are even formed output by output
-    during the backward passes, so their ``δ`` are never held for all outputs at once.
+    during the backward passes, so their ``δ`` are never held for all outputs at once. With
+    ``form=False`` the other materialized blocks are formed lazily instead, when first read,
+    and a side used once drops each block's factors with :meth:`release` after contracting it.
     """
 
     def __init__(self, rec: Recording, p: int, routes: Mapping[Block, str] | None = None,
