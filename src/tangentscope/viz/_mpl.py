@@ -1,7 +1,10 @@
-"""Lazy matplotlib access with a headless backend and one consistent style."""
+"""Lazy matplotlib access with a headless backend and one consistent style; reading the
+``{"median", "min", "max"}`` seed summaries the experiments write."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,3 +50,11 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     fig.savefig(path)
     pyplot().close(fig)
     return path
+
+
+def seed_stat(row: Mapping[str, Any], key: str) -> tuple[float, float, float]:
+    """``(median, min, max)`` of a seed summary ``row[key]``; NaNs where it is absent."""
+    s = row.get(key)
+    if not isinstance(s, Mapping):
+        return math.nan, math.nan, math.nan
+    return float(s["median"]), float(s["min"]), float(s["max"])

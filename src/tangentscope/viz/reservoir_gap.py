@@ -11,15 +11,9 @@ import numpy as np
 
 from ..io import RunDir
 from ._mpl import pyplot, save_figure
+from ._mpl import seed_stat as _stat
 
 __all__ = ["reservoir_gap_figures"]
-
-
-def _stat(r: Mapping[str, Any], key: str) -> tuple[float, float, float]:
-    s = r.get(key)
-    if not isinstance(s, Mapping):
-        return np.nan, np.nan, np.nan
-    return float(s["median"]), float(s["min"]), float(s["max"])
 
 
 def _spectra(plt: Any, rd: RunDir, arrays: Mapping[str, np.ndarray]) -> Path | None:
