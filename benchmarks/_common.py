@@ -25,7 +25,7 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                   "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-                  "TF_CPP_MIN_LOG_LEVEL": "3"}
+                  "TF_CPP_MIN_LOG_LEVEL": "3", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 MEMORY_METHOD = ("peak RSS of a fresh process during the first (cold) call minus RSS just before "
                  "it (VmHWM reset through /proc/self/clear_refs)")
 

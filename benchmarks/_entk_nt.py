@@ -124,6 +124,10 @@ def main(payload: dict) -> dict:
     result = time_calls(lambda: compiled(x, None, params).block_until_ready(),
                         repeats=payload.get("repeats", 3))
     result["compile_seconds"] = compile_s
+    dev = jax.devices()[0]
+    result["device"] = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
+    if dev.platform == "gpu":                        # the accelerator's own peak, not RSS
+        result["gpu_peak_bytes"] = (dev.memory_stats() or {}).get("peak_bytes_in_use")
     if payload.get("save_kernel"):
         np.save(payload["save_kernel"], np.asarray(compiled(x, None, params)))
     from importlib.metadata import version

@@ -24,6 +24,11 @@ exceeds ``--max-seconds``.
         --out /tmp/entk-resnet.json      # the ResNet rows against neural-tangents alone
     python benchmarks/entk.py --cases resnet --sizes 512 --impls default --max-seconds 300 \
         --out benchmarks/results/entk-resnet512.json        # n = 512 alone (~8 CPU-minutes)
+
+On a GPU machine (``benchmarks/gpu.sh``): ``--device cuda --clock wall --nt-python python3``
+puts the torch side's model and inputs on the GPU (each call synchronized; ``cuda_peak_bytes``
+is the allocator's peak) and runs neural-tangents with that interpreter, whose JAX then uses
+the same GPU (``gpu_peak_bytes``: XLA's peak, preallocation off).
 """
 
 from __future__ import annotations
@@ -143,21 +148,45 @@ def torch_worker(payload: dict) -> dict:
     torch.set_num_threads(1)
     model, x = build(payload["model"], payload["n"], payload["p"])
     impl = "auto" if payload["impl"] == "default" else payload["impl"]
+    cuda = payload.get("device", "cpu") == "cuda"
+    if cuda:
+        model, x = model.cuda(), x.cuda()
 
     def call() -> torch.Tensor:
-        return ts.entk(model, x, implementation=impl, memory_budget=payload["budget"])
+        k = ts.entk(model, x, implementation=impl, memory_budget=payload["budget"])
+        if cuda:
+            torch.cuda.synchronize()
+        return k
 
     # the process's one-time costs (lazy imports, first-use initialization) on two examples,
     # outside the measurement, as neural-tangents' compilation is outside its own
     ts.entk(model, x[:2], implementation=impl, memory_budget=payload["budget"])
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     result = time_calls(call, repeats=payload["repeats"])
+    if cuda:
+        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+        result["device"] = torch.cuda.get_device_name()
     if payload["impl"] == "default":
         choice = select_implementation(model, x, memory_budget=payload["budget"])
         result["implementation_chosen"] = choice.implementation
         result["implementation_reason"] = choice.reason
     if payload.get("save_kernel"):
-        np.save(payload["save_kernel"], call().numpy())
+        np.save(payload["save_kernel"], call().cpu().numpy())
     return result
+
+
+def _have_nt(args: argparse.Namespace) -> bool:
+    """Whether ``--nt-python`` runs and imports neural_tangents' package metadata."""
+    import subprocess
+
+    try:
+        return subprocess.run([args.nt_python, "-c", "import importlib.util, sys; sys.exit("
+                               "importlib.util.find_spec('neural_tangents') is None)"],
+                              capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def _key(impl: str) -> str:
@@ -167,9 +196,10 @@ def _key(impl: str) -> str:
 def _run(impl: str, model: str, n: int, p: int, npz: Path, args: argparse.Namespace,
          save_kernel: str | None = None) -> dict:
     payload = {"model": model, "n": n, "p": p, "impl": impl, "repeats": args.repeats,
-               "budget": args.memory_budget, "npz": str(npz), "save_kernel": save_kernel}
+               "budget": args.memory_budget, "npz": str(npz), "save_kernel": save_kernel,
+               "device": args.device}
     if impl in NT_IMPLS:
-        return run_worker(str(NT_PYTHON), str(HERE.parent / "_entk_nt.py"), payload,
+        return run_worker(str(args.nt_python), str(HERE.parent / "_entk_nt.py"), payload,
                           timeout=3 * args.max_seconds + 120)
     return run_worker(sys.executable, str(HERE), payload, timeout=3 * args.max_seconds + 120)
 
@@ -194,7 +224,7 @@ def cross_check(model_name: str, p: int, args: argparse.Namespace, tmp: Path) ->
     k64 = ts.entk(model, x, dtype=torch.float64).numpy()
     out = {"n": 16, "p": p, "float32_vs_float64_rel": float(np.abs(k_ts - k64).max()
                                                             / np.abs(k64).max())}
-    if NT_PYTHON.exists():
+    if _have_nt(args):
         path = tmp / f"check_{model_name}_nt.npy"
         r = _run("structured_derivatives", model_name, 16, p, npz, args, str(path))
         if "skipped" in r:
@@ -223,6 +253,10 @@ def main() -> None:
     ap.add_argument("--table", metavar="JSON", help="print the markdown table of a results "
                     "file and exit (with --clock cpu|wall)")
     ap.add_argument("--clock", default="cpu", choices=("cpu", "wall"))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where the torch side computes (cuda: synchronized, wall clock)")
+    ap.add_argument("--nt-python", default=str(NT_PYTHON),
+                    help="interpreter with JAX and neural-tangents (default .venv-nt)")
     args = ap.parse_args()
     if args.table:
         print(table(json.loads(Path(args.table).read_text()), args.clock))
@@ -248,9 +282,14 @@ def main() -> None:
              "plain JAX function mirroring the torch module with the same weights, dense "
              "weights laid out (in, out) so that f computes x W + b (neural-tangents' "
              "structured rules do not apply through a transposed parameter)"]
-    if not NT_PYTHON.exists():
+    if args.device == "cuda":
+        notes.append(f"device: {torch.cuda.get_device_name()}; torch side synchronized after "
+                     "each call; neural-tangents on the same GPU through JAX; compare the wall "
+                     "clock (--clock wall); cuda_peak_bytes / gpu_peak_bytes are the "
+                     "allocators' peaks")
+    if not _have_nt(args):
         impls = [i for i in impls if i not in NT_IMPLS]
-        notes.append(f"neural-tangents skipped: {NT_PYTHON} not found (see "
+        notes.append(f"neural-tangents skipped: {args.nt_python} has no neural_tangents (see "
                      "docs/performance.md for the environment)")
     done: list[dict] = []
     t_start = time.time()

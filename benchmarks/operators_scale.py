@@ -84,8 +84,9 @@ def _status_kib(field: str) -> int:
 
 
 def make_run(n: int, steps: int, snapshots: int, lr: float, seed: int = 0, logspace: bool = False,
-             dense: bool = False, m: int = 500) -> dict[str, Any]:
-    """Train the MLP on the generated task; return the collector (and the dense trajectory)."""
+             dense: bool = False, m: int = 500, device: str = "cpu") -> dict[str, Any]:
+    """Train the MLP on the generated task (data drawn on the CPU, so every device trains the
+    same run); return the collector (and the dense trajectory)."""
     g = torch.Generator().manual_seed(seed)
     d, p = 40, 10
     centers = 0.6 * torch.randn(p, d, generator=g)
@@ -93,11 +94,11 @@ def make_run(n: int, steps: int, snapshots: int, lr: float, seed: int = 0, logsp
     x = centers[y_clean] + torch.randn(n + m, d, generator=g)
     flip = torch.rand(n + m, generator=g) < 0.1
     y = torch.where(flip, torch.randint(0, p, (n + m,), generator=g), y_clean)
-    xq, yq = x[n:], y_clean[n:]
-    x, y, y_clean = x[:n], y[:n], y_clean[:n]
+    xq, yq = x[n:].to(device), y_clean[n:].to(device)
+    x, y, y_clean = x[:n].to(device), y[:n].to(device), y_clean[:n]
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(d, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
-                          nn.Linear(64, p))
+                          nn.Linear(64, p)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     sched = logspaced(steps, snapshots) if logspace else every(max(1, steps // snapshots))
     col = CheckpointCollector(model, x, y, loss="cross_entropy", x_test=xq, y_test=yq,
@@ -120,13 +121,23 @@ def make_run(n: int, steps: int, snapshots: int, lr: float, seed: int = 0, logsp
 
 
 def _timed(fn: Any) -> tuple[Any, dict[str, Any]]:
+    """Wall and CPU seconds, RSS peaks and (on a GPU) the CUDA allocator's peak of ``fn()``;
+    CUDA work is synchronized before the clock stops."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as mem:
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
+        if cuda:
+            torch.cuda.synchronize()
         info: dict[str, Any] = {"seconds": time.perf_counter() - t0,
                                 "cpu_seconds": time.process_time() - c0}
     info["peak_delta_bytes"] = mem.delta_bytes
     info["process_peak_bytes"] = _status_kib("VmHWM") * 1024
+    if cuda:
+        info["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     return out, info
 
 
@@ -134,12 +145,13 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     """One size: train, then time the phases asked for (``job['phases']``)."""
     torch.set_num_threads(1)
     n, k = job["n"], job["k"]
+    dev = job.get("device", "cpu")
     run, tr = _timed(lambda: make_run(n, job["steps"], job["snapshots"], job["lr"],
-                                      dense=job.get("dense", False), logspace=True))
+                                      dense=job.get("dense", False), logspace=True, device=dev))
     out: dict[str, Any] = {"n": n, "N": 10 * n, "p": 10, "train": {**tr, **{
         key: run[key] for key in ("train_seconds", "final_loss", "train_accuracy")}}}
     f32 = job["products"] == "float32"
-    path = run["collector"].path(memory_budget=job["budget"],
+    path = run["collector"].path(memory_budget=job["budget"], device=dev,
                                  compute_dtype=torch.float32 if f32 else None)
     ops = MatrixFreeOperators(path, discretization="exp", krylov_tol=job["krylov_tol"],
                               memory_budget=job["budget"])
@@ -156,7 +168,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     WV = res.WV
     assert WV is not None
     if job.get("f64_check") and f32:
-        p64 = run["collector"].path(memory_budget=job["budget"])
+        p64 = run["collector"].path(memory_budget=job["budget"], device=dev)
         o64 = MatrixFreeOperators(p64, discretization="exp", memory_budget=job["budget"])
         r64, info = _timed(lambda: o64.apply(V, propagate=False, gramian=True))
         assert r64.WV is not None
@@ -171,7 +183,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         if guess > limit:
             out["channel"] = {"skipped": f"projected {guess:.0f} s > --max-seconds {limit:.0f}"}
         else:
-            ch, info = _timed(lambda: gramian_topk(ops, 32, method=job["channel"], tol=1e-6))
+            ch, info = _timed(lambda: gramian_topk(ops, 32, method=job["channel"], tol=1e-6,
+                                                    block_size=job.get("block_size")))
             out["channel"] = {**info, "method": job["channel"], "matvecs": ch.matvecs,
                               "products": ch.products, "converged": ch.converged,
                               "max_relative_residual": float(ch.residuals.max()
@@ -209,6 +222,43 @@ def _fit(ns: list[int], ts: list[float]) -> float | None:
     return float(np.polyfit(np.log(ns), np.log(ts), 1)[0])
 
 
+def figure(path: str) -> None:
+    """Seconds of one ``W_S·V`` (k = 32) and of the top-32 channel against ``N``, on the CPU
+    (``operators_scale*.json``, one thread) and the GPU (``operators_scale-cuda.json``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from _common import RESULTS
+
+    series: dict[str, dict[int, dict[str, Any]]] = {"CPU (1 thread)": {}, "GPU (H200)": {}}
+    for f in sorted(RESULTS.glob("operators_scale*.json")):
+        d = json.loads(f.read_text())
+        key = "GPU (H200)" if d.get("device", "cpu") != "cpu" else "CPU (1 thread)"
+        for r in d["results"]:
+            if "wv" in r:
+                series[key].setdefault(r["N"], {}).update(
+                    {k: r[k] for k in ("wv", "channel") if isinstance(r.get(k), dict)
+                     and "seconds" in r[k]})
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (label, rows), color in zip(series.items(), ("tab:blue", "tab:orange")):
+        Ns = sorted(rows)
+        ax.loglog(Ns, [rows[N]["wv"]["seconds"] for N in Ns], "o-", color=color,
+                  label=f"one W_S·V (k = 32), {label}")
+        ch = [N for N in Ns if "channel" in rows[N]]
+        ax.loglog(ch, [rows[N]["channel"]["seconds"] for N in ch], "s--", color=color,
+                  label=f"top-32 channel, {label}")
+    ax.set_xlabel("N = n·p stacked outputs")
+    ax.set_ylabel("seconds")
+    ax.set_title("matrix-free operators of a 2,000-step run (MLP, 7,434 parameters)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    print(f"[operators_scale] wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker")
@@ -223,13 +273,22 @@ def main() -> None:
                     help="default: 1e-12 (float64 products) or 6e-6 (float32)")
     ap.add_argument("--channel", default="lanczos", choices=["lanczos", "nystrom"])
     ap.add_argument("--channel-sizes", type=int, nargs="*")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="the channel's Lanczos block (default: the library's; on a GPU a "
+                         "block of 32 costs about what 4 columns do)")
     ap.add_argument("--products", default="float32", choices=["float32", "float64"])
     ap.add_argument("--max-seconds", type=float, default=1800.0)
     ap.add_argument("--budget", default="4G")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (training and products)")
     ap.add_argument("--no-f64-check", action="store_true",
                     help="skip the float64-products W_S·V at the smallest size")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--figure", metavar="PNG",
+                    help="plot the results in benchmarks/results (CPU and GPU) and exit")
     args = ap.parse_args()
+    if args.figure:
+        figure(args.figure)
+        return
     if args.worker:
         worker_reply(worker(json.loads(args.worker)))
         return
@@ -240,9 +299,34 @@ def main() -> None:
     script = str(Path(__file__).resolve())
     common = {"steps": args.steps, "snapshots": args.snapshots, "lr": args.lr, "k": args.k,
               "krylov_tol": args.krylov_tol, "channel": args.channel,
-              "products": args.products,
-              "max_seconds": args.max_seconds, "budget": args.budget}
+              "products": args.products, "block_size": args.block_size,
+              "max_seconds": args.max_seconds, "budget": args.budget, "device": args.device}
     results: list[dict[str, Any]] = []
+
+    def save() -> Path:                       # after every size: a killed run keeps the rest
+        ok = [r for r in results if "wv" in r and r["n"] in sizes]
+        fit = {"wv_seconds_vs_n": _fit([r["n"] for r in ok], [r["wv"]["seconds"] for r in ok]),
+               "wv_seconds_per_product_vs_n": _fit([r["n"] for r in ok],
+                                                   [r["wv"]["seconds_per_product"] for r in ok]),
+               "wv_products_per_column_vs_n": _fit([r["n"] for r in ok],
+                                                   [r["wv"]["products_per_column"] for r in ok])}
+        chs = [r for r in ok if isinstance(r.get("channel"), dict) and "seconds" in r["channel"]]
+        fit["channel_seconds_vs_n"] = _fit([r["n"] for r in chs],
+                                           [r["channel"]["seconds"] for r in chs])
+        out = {"description": __doc__.split("\n\n")[0], "settings": common, "sizes": sizes,
+               "dense_sizes": sorted(dense), "results": results, "fitted_exponents": fit,
+               "memory_method": MEMORY_METHOD + "; process_peak_bytes: VmHWM of the worker"
+               + ("; cuda_peak_bytes: torch.cuda.max_memory_allocated during the phase"
+                  if args.device == "cuda" else ""),
+               "machine": machine(), "torch": torch.__version__,
+               "device": (torch.cuda.get_device_name() if args.device == "cuda" else "cpu")}
+        if args.out and "/" in args.out:                  # an explicit file (dev runs)
+            path = Path(args.out)
+            path.write_text(json.dumps(out, indent=2) + "\n")
+            return path
+        return write_results(args.out or ("operators_scale-quick" if args.quick
+                                          else "operators_scale"), out)
+
     for n in sorted(set(sizes) | dense):
         phases = (["wv"] + (["channel"] if n in chan else [])
                   + (["analysis"] if n in (max(sizes), max(chan, default=0)) else []))
@@ -256,26 +340,8 @@ def main() -> None:
         print(json.dumps({key: res.get(key) for key in ("n", "wv", "channel", "dense",
                                                        "skipped")}, default=str)[:800],
               flush=True)
-    ok = [r for r in results if "wv" in r and r["n"] in sizes]
-    fit = {"wv_seconds_vs_n": _fit([r["n"] for r in ok], [r["wv"]["seconds"] for r in ok]),
-           "wv_seconds_per_product_vs_n": _fit([r["n"] for r in ok],
-                                               [r["wv"]["seconds_per_product"] for r in ok]),
-           "wv_products_per_column_vs_n": _fit([r["n"] for r in ok],
-                                               [r["wv"]["products_per_column"] for r in ok])}
-    chs = [r for r in ok if isinstance(r.get("channel"), dict) and "seconds" in r["channel"]]
-    fit["channel_seconds_vs_n"] = _fit([r["n"] for r in chs],
-                                       [r["channel"]["seconds"] for r in chs])
-    out = {"description": __doc__.split("\n\n")[0], "settings": common, "sizes": sizes,
-           "dense_sizes": sorted(dense), "results": results, "fitted_exponents": fit,
-           "memory_method": MEMORY_METHOD + "; process_peak_bytes: VmHWM of the worker",
-           "machine": machine(), "torch": torch.__version__}
-    if args.out and "/" in args.out:                  # an explicit file (dev runs)
-        path = Path(args.out)
-        path.write_text(json.dumps(out, indent=2) + "\n")
-    else:
-        path = write_results(args.out or ("operators_scale-quick" if args.quick
-                                          else "operators_scale"), out)
-    print(f"[operators_scale] wrote {path}; exponents {fit}", flush=True)
+        path = save()
+    print(f"[operators_scale] wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

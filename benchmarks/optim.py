@@ -23,6 +23,10 @@ timing is the median over rounds of the median of ``reps`` calls. Sections:
   streaming gate's decision equals the exact one's on the same batches;
 * ``estimator_residual``: the first-order population-risk estimate's residual against
   brute-force leave-one-out steps, relative to the self-influence bias it removes.
+
+``--device cuda`` (a GPU machine; ``benchmarks/gpu.sh``) runs the ``step`` and ``train_step``
+sections with the models, batches and optimizer states on the GPU, each call followed by
+``torch.cuda.synchronize()`` (wall time is the measure there), into ``optim-cuda.json``.
 """
 
 from __future__ import annotations
@@ -52,20 +56,32 @@ from tangentscope.optim import (
     VmapStats,
 )
 
+#: where the step and train_step sections run (``--device``)
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
 
 def _interleaved(fns: dict[str, Callable[[], object]], reps: int, rounds: int
                  ) -> dict[str, dict[str, float]]:
     """Per fn, the median over interleaved rounds of the median of ``reps`` calls, in thread
-    CPU seconds (``cpu``: immune to being descheduled on a loaded machine) and wall seconds."""
+    CPU seconds (``cpu``: immune to being descheduled on a loaded machine) and wall seconds
+    (on a GPU each call is synchronized: ``wall`` is the measure, ``cpu`` the host's share)."""
     per: dict[str, dict[str, list[float]]] = {k: {"cpu": [], "wall": []} for k in fns}
     for f in fns.values():
         f()
+        f()                                      # a second warm-up: Triton/cuBLAS first uses
+    _sync()
     for _ in range(rounds):
         for k, f in fns.items():
             cpu, wall = [], []
             for _ in range(reps):
                 c0, t0 = time.thread_time(), time.perf_counter()
                 f()
+                _sync()
                 cpu.append(time.thread_time() - c0)
                 wall.append(time.perf_counter() - t0)
             per[k]["cpu"].append(statistics.median(cpu))
@@ -83,12 +99,14 @@ def _models() -> dict[str, tuple[nn.Module, Callable[[int], tuple[torch.Tensor, 
     tf = TinyTransformer(64, 64, d_model=128, n_heads=4, n_layers=2, d_mlp=512, max_len=8)
 
     def mlp_batch(b):
-        return torch.randn(b, 784), torch.randint(0, 10, (b,))
+        return torch.randn(b, 784, device=DEVICE), torch.randint(0, 10, (b,), device=DEVICE)
 
     def tf_batch(b):
-        return torch.randint(0, 64, (b, 8)), torch.randint(0, 64, (b,))
+        return (torch.randint(0, 64, (b, 8), device=DEVICE),
+                torch.randint(0, 64, (b,), device=DEVICE))
 
-    return {"mlp_784_1024_1024_10": (net, mlp_batch), "transformer_2l_d128_L8": (tf, tf_batch)}
+    return {"mlp_784_1024_1024_10": (net.to(DEVICE), mlp_batch),
+            "transformer_2l_d128_L8": (tf.to(DEVICE), tf_batch)}
 
 
 def _gpt2(quick: bool) -> tuple[nn.Module, Callable[[int], tuple[torch.Tensor, torch.Tensor]]]:
@@ -112,10 +130,10 @@ def _gpt2(quick: bool) -> tuple[nn.Module, Callable[[int], tuple[torch.Tensor, t
             return self.net(ids).logits[:, -1]
 
     def batch(b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.randint(0, 50257, (max(1, b // 16), 64)), torch.randint(0, 50257,
-                                                                            (max(1, b // 16),))
+        return (torch.randint(0, 50257, (max(1, b // 16), 64), device=DEVICE),
+                torch.randint(0, 50257, (max(1, b // 16),), device=DEVICE))
 
-    return LM(), batch
+    return LM().to(DEVICE), batch
 
 
 #: the step configurations timed on every model (a ``GatedAdamW`` or ``torch.optim`` maker)
@@ -449,7 +467,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke check (seconds)")
     ap.add_argument("--only", default=None, help="comma-separated sections")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: the step and train_step sections on the GPU (optim-cuda.json)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(1)
     sections = {"step": bench_step, "train_step": bench_train_step, "build": bench_build,
                 "statistics": bench_statistics,
@@ -457,12 +479,18 @@ def main() -> None:
                 "estimator_late": bench_estimator_late}
     chosen = args.only.split(",") if args.only else list(sections)
     name = "optim-quick" if args.quick else "optim"
+    if DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: torch sees no GPU")
+        chosen = [k for k in chosen if k in ("step", "train_step")] or ["step", "train_step"]
+        name += "-cuda"
     res = {}
     previous = RESULTS / f"{name}.json"
     if args.only and previous.exists():               # re-run some sections, keep the others
         res = json.loads(previous.read_text())
     res.update({"benchmark": "optim", "quick": args.quick, "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "machine": machine()})
+                "threads": torch.get_num_threads(), "machine": machine(),
+                "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"})
     for k in chosen:
         t0 = time.perf_counter()
         res[k] = sections[k](args.quick)

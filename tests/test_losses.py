@@ -63,3 +63,18 @@ def test_loss_errors():
         ts.losses.SoftmaxCrossEntropy().grad(torch.zeros(2, 3), torch.tensor([0, 3]))
     with pytest.raises(ts.ShapeError, match="unknown loss"):
         ts.losses.get_loss("hinge-ish")
+
+
+def test_block_eigh_in_batches_equals_one_call(monkeypatch):
+    """``sqrt_blocks`` splits its batched ``eigh`` (cuSOLVER fails on 100,000 blocks): the
+    batched result equals one call's, float64."""
+    from tangentscope.losses import output
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(50, 4, 4, dtype=torch.float64, generator=g)
+    B = A @ A.mT
+    want = output.sqrt_blocks(B)
+    monkeypatch.setattr(output, "EIGH_BATCH", 7)
+    got = output.sqrt_blocks(B)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got @ got, B, rtol=1e-10, atol=1e-10)

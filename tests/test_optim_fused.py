@@ -47,26 +47,31 @@ def _compare(a, oa, fa, b, ob, fb, exact, soft):
         assert fa == fb
 
 
+@pytest.mark.parametrize("fused", [None, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kw", CONFIGS)
-def test_default_fused_step_is_the_reference_bit_for_bit(dtype, kw):
-    """``fused=None`` (default) runs the extension with torch's own sqrt: every weight, moment
-    and noise state equals the eager reference chain's bit for bit (hard gate: the telemetry
-    too)."""
-    kw = dict(kw)
+def test_fused_step_equals_the_reference_to_rounding(fused, dtype, kw):
+    """The fused step (default ``fused=None`` and ``fused=True`` alike) takes the hardware sqrt,
+    as torch's fused AdamW does: moments and noise state bit for bit the eager reference chain's
+    (hard gate: the telemetry too), weights within 1e-6."""
     a, oa, fa = _run("reference", dtype, **kw)
-    b, ob, fb = _run("compiled", dtype, **kw)
-    _compare(a, oa, fa, b, ob, fb, exact=True, soft=kw.get("gate") == "soft")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kw", CONFIGS[:4])
-def test_fused_true_equals_the_reference_to_rounding(dtype, kw):
-    """``fused=True`` uses the hardware sqrt (torch's fused AdamW does too): moments and noise
-    state still bit for bit, weights within 1e-6."""
-    a, oa, fa = _run("reference", dtype, **kw)
-    b, ob, fb = _run("compiled", dtype, fused=True, **kw)
+    b, ob, fb = _run("compiled", dtype, fused=fused, **kw)
     _compare(a, oa, fa, b, ob, fb, exact=False, soft=kw.get("gate") == "soft")
+
+
+def test_fused_sqrt_is_correctly_rounded():
+    """The one rounding the fused step does differently: its denominator is the correctly
+    rounded sqrt (checked in float64), wherever torch's eager sqrt is or is not."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.zeros(4096))
+    p.grad = torch.rand(4096) * 10 + 1e-3
+    opt = GatedAdamW([p], lr=1.0, betas=(0.0, 0.0), eps=0.0, weight_decay=0.0, gate=False,
+                     fused=True)
+    opt.step()
+    # β1 = β2 = 0: m = g, v = g², update = g / sqrt(g²) rounded through the float32 sqrt
+    v = (p.grad.double() ** 2).float()
+    want = -(p.grad / v.double().sqrt().float())
+    assert torch.equal(p.detach(), want)
 
 
 def _exact_run(fused, gate="hard", steps=12, warm=0):
@@ -95,7 +100,7 @@ def test_exact_statistics_through_the_fused_kernel(gate):
     b, fb, ub = _exact_run(None, gate, warm=2)
     assert ua == {"reference"} and ub == {"compiled"}
     for p, q in zip(a, b):
-        assert torch.equal(p, q)
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
     assert fa == pytest.approx(fb, rel=1e-6) and fa[:2] == [1.0, 1.0]
 
 
@@ -119,16 +124,16 @@ def test_per_example_stats_source_and_per_group_settings():
             opt.step()
         out.append(([p.detach().clone() for p in m.parameters()], opt.gate_stats()))
     for p, q in zip(out[0][0], out[1][0]):
-        assert torch.equal(p, q)
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
     assert out[0][1]["fraction_updated"] == pytest.approx(out[1][1]["fraction_updated"])
 
 
 @pytest.mark.parametrize("fused", [None, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gate_off_against_torch_adamw(fused, dtype):
-    """Gate off: ``fused=None`` is ``torch.optim.AdamW`` (single-tensor/foreach) bit for bit;
-    ``fused=True`` within 1e-6 of it and of ``AdamW(fused=True)``; with a scheduler and two
-    param groups."""
+    """Gate off: the fused step (``fused=None`` or ``True``) within 1e-6 of ``torch.optim.AdamW``
+    (single-tensor/foreach) and of ``AdamW(fused=True)``; with a scheduler and two param
+    groups."""
     torch.manual_seed(0)
     m1 = nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 3)).to(dtype)
     m2, m3 = copy.deepcopy(m1), copy.deepcopy(m1)
@@ -150,8 +155,6 @@ def test_gate_off_against_torch_adamw(fused, dtype):
             s.step()
     assert kernels == {"compiled"}
     for p, q, r in zip(m1.parameters(), m2.parameters(), m3.parameters()):
-        if fused is None:
-            assert torch.equal(p, q)
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(q, r, rtol=1e-6, atol=1e-6)
     # the state dict loads into torch's AdamW and back
@@ -237,10 +240,11 @@ def test_source_hash_names_the_library():
 
 
 def test_long_run_mixed_sizes_matches_the_reference():
-    """300 steps, tensors above and below the inner block size, gate decisions bit for bit."""
+    """300 steps, tensors above and below the inner block size: gate decisions, moments and
+    noise state bit for bit, weights within 1e-6 (the hardware sqrt's rounding)."""
     a, oa, fa = _run("reference", torch.float32, steps=300)
     b, ob, fb = _run("compiled", torch.float32, steps=300)
-    _compare(a, oa, fa, b, ob, fb, exact=True, soft=False)
+    _compare(a, oa, fa, b, ob, fb, exact=False, soft=False)
     assert len(set(fa)) > 10                                      # the gate really varies
 
 

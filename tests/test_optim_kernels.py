@@ -144,13 +144,15 @@ def test_the_reference_kernel_is_the_transform_chain():
 @pytest.mark.parametrize("foreach", [False, True, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_gate_off_is_torch_adamw_bit_for_bit(foreach, dtype):
+    """The eager kernels (``fused=False``; the fused one: tests/test_optim_fused.py)."""
     torch.manual_seed(0)
     m1 = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
     m2 = copy.deepcopy(m1)
     groups = lambda m: [{"params": m[0].parameters()},
                         {"params": m[2].parameters(), "lr": 3e-3, "weight_decay": 0.0}]
     ref = torch.optim.AdamW(groups(m1), lr=1e-2, weight_decay=0.1, foreach=foreach)
-    opt = GatedAdamW(groups(m2), lr=1e-2, weight_decay=0.1, gate=False, foreach=foreach)
+    opt = GatedAdamW(groups(m2), lr=1e-2, weight_decay=0.1, gate=False, foreach=foreach,
+                     fused=False)
     s1 = torch.optim.lr_scheduler.OneCycleLR(ref, max_lr=2e-2, total_steps=60)
     s2 = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-2, total_steps=60)
     g = torch.Generator().manual_seed(1)

@@ -98,14 +98,16 @@ class GatedAdamW(GateMixin, torch.optim.Optimizer):
             (:attr:`kernels`); ``False``: no list ops.
         fused: the fused step (the ``compiled`` kernel, :mod:`._fused`): noise state, gate,
             moments and update in one pass over each parameter's state — a C++ extension on
-            CPU (bit for bit the eager reference; about torch's ``AdamW(fused=True)`` speed),
+            CPU (torch's ``AdamW(fused=True)`` arithmetic and about its speed: the eager
+            reference to ~1e-7 relative, the hardware sqrt where torch's eager one is MKL's),
             Triton on CUDA (untested on a GPU). ``None`` (default): used where available, i.e.
             float32/float64 contiguous tensors, the ``update`` placement or the gate off, and on
             CPU the extension already built (``make install`` or ``python -m
             tangentscope.optim._build --build``; never compiled implicitly); else the eager
             kernels. ``True``: the same, building the extension on first use if needed (once per
             machine, 15–40 s; without a C++ compiler: one ``RuntimeWarning``, then the eager
-            kernels); ``gate_on='update'`` only. ``False``: eager kernels only. Steps with an
+            kernels); ``gate_on='update'`` only. ``False``: eager kernels only (bit for bit the
+            reference chain; with the gate off, bit for bit ``torch.optim.AdamW``). Steps with an
             estimator asking for its terms, and bfloat16/float16, use the eager kernels.
         amsgrad, maximize, capturable, differentiable: ``torch.optim.AdamW``'s options, not
             implemented: ``False`` only (``True`` raises, naming the alternative).

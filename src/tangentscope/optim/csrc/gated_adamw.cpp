@@ -6,9 +6,10 @@
 // or soft, on the update), the Adam moments, the denominator's sqrt, the decoupled weight
 // decay and the update. The arithmetic is the reference chain's (optim/transforms.py)
 // operation for operation, each rounded the way torch's CPU kernel rounds it (FMA where
-// torch's kernel contracts: sub with alpha, lerp, addcmul; torch's own sqrt in the exact
-// mode), so the result is the reference's bit for bit; compiled with -ffp-contract=off so that
-// the compiler adds no other contraction. The scalar coefficients (bias corrections, the
+// torch's kernel contracts: sub with alpha, lerp, addcmul), so moments, noise state and gate
+// are the reference's bit for bit and the weights differ only through the denominator's
+// correctly rounded hardware sqrt (see below); compiled with -ffp-contract=off so that the
+// compiler adds no other contraction. The scalar coefficients (bias corrections, the
 // deviation inflation) are computed in double exactly as the Python reference computes them.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -37,7 +38,7 @@ struct Coef {
   T neg_scale, noise_beta, dev_w;                        // streaming noise update
   T gate_val;     // hard: -1/(tau c); soft: -(tau c)
   T count, cm1;   // exact: b, b - 1
-  bool small_w1, update_noise, open, tau0, exact_sqrt;
+  bool small_w1, update_noise, open, tau0;
 };
 
 template <typename T>
@@ -61,41 +62,16 @@ inline T nan_to_num0(T x) {  // torch.nan_to_num_(nan=0.0), as selects (vectoriz
   return y == -inf ? std::numeric_limits<T>::lowest() : y;
 }
 
-// torch's CPU sqrt is MKL's vector sqrt where torch links MKL (ATen/cpu/vml.h: vm?Sqrt with
-// VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE), which is not correctly rounded on every CPU
-// (on this project's AMD EPYC about 20% of float32 results are one ulp off). The exact mode
-// (the default, fused=None) calls that same function when libtorch_cpu exports it (weak
-// symbols: null on builds without MKL), so the step is the eager reference's bit for bit; the
-// fast mode (fused=True, like torch's own fused AdamW) uses the correctly rounded hardware
-// sqrt, which is cheaper (MKL's generic path costs about 0.4 ns per element here).
-extern "C" {
-__attribute__((weak)) void vmsSqrt(int n, const float* a, float* r, long long mode);
-__attribute__((weak)) void vmdSqrt(int n, const double* a, double* r, long long mode);
-}
-constexpr long long kVmlMode = 0x2 | 0x140000 | 0x100;
-
-inline void sqrt_vec(int64_t n, const float* a, float* r, bool exact) {
-  if (exact && vmsSqrt != nullptr) {
-    vmsSqrt(static_cast<int>(n), a, r, kVmlMode);
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) r[i] = std::sqrt(a[i]);
-  }
-}
-
-inline void sqrt_vec(int64_t n, const double* a, double* r, bool exact) {
-  if (exact && vmdSqrt != nullptr) {
-    vmdSqrt(static_cast<int>(n), a, r, kVmlMode);
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) r[i] = std::sqrt(a[i]);
-  }
-}
+// The denominator takes the hardware sqrt (correctly rounded), as torch's own fused AdamW does.
+// torch's eager CPU sqrt is MKL's vector sqrt where torch links MKL (ATen/cpu/vml.h), which is
+// not correctly rounded on every CPU (on this project's AMD EPYC about 20% of float32 results
+// are one ulp off, and its generic path costs about 0.4 ns per element): so the weights agree
+// with the eager reference to rounding (~1e-7 relative), the moments and noise bit for bit.
 
 constexpr int64_t kChunk = 512;  // elements per inner block (the block's data stays in L1)
 
-// One range [b, e) of one tensor, in blocks of kChunk: (1) noise, gate and moments, (2) the
-// denominator's sqrt, (3) decay and update; each block's data stays in cache between the three,
+// One range [b, e) of one tensor, in blocks of kChunk: (1) the noise state, (2) the gate, (3)
+// moments, denominator, decay and update; each block's data stays in cache between the three,
 // so memory sees one pass. Returns the sum of the gate values over the range.
 template <typename T, int64_t MODE, int64_t SRC, bool OPEN, bool UPD>
 double run_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
@@ -104,7 +80,6 @@ double run_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
   constexpr bool kGated = MODE != kOff && !OPEN;
   alignas(64) T gbuf[kGated ? kChunk : 1];
   alignas(64) T nbuf[SRC == kExact ? kChunk : 1];
-  alignas(64) T rbuf[kChunk];
   double total = 0.0;
   const T decay = c.decay, coeff1 = c.small_w1 ? c.w1 : c.w1m1, beta2 = c.beta2;
   const T omb2 = c.omb2;
@@ -168,35 +143,17 @@ double run_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
         }
       }
     }
-    if (!c.exact_sqrt) {  // the hardware sqrt: moments, denominator and update in one loop
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        const T gi = gc[i];
-        const T mi = lerp_t(mc[i], gi, coeff1, small);  // adam_moments_
-        const T vi = std::fma(omb2 * gi, gi, vc[i] * beta2);
-        mc[i] = mi;
-        vc[i] = vi;
-        const T den = std::sqrt(vi) / bc2s + eps;        // adam_denominator
-        const T num = kGated ? mi * gbuf[kGated ? i : 0] : mi;
-        const T pi = pc[i] * decay;                       // decay_weights_
-        pc[i] = pi + (neg_step * num) / den;              // adam_apply_ (addcdiv)
-      }
-    } else {  // torch's sqrt (MKL's vector function) on the block in between
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {  // adam_moments_
-        const T gi = gc[i];
-        mc[i] = lerp_t(mc[i], gi, coeff1, small);
-        const T vi = vc[i] * beta2;
-        vc[i] = std::fma(omb2 * gi, gi, vi);
-      }
-      sqrt_vec(len, vc, rbuf, true);
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        const T den = rbuf[i] / bc2s + eps;       // adam_denominator
-        const T num = kGated ? mc[i] * gbuf[kGated ? i : 0] : mc[i];
-        const T pi = pc[i] * decay;               // decay_weights_
-        pc[i] = pi + (neg_step * num) / den;      // adam_apply_ (addcdiv)
-      }
+    for (int64_t i = 0; i < len; ++i) {
+      const T gi = gc[i];
+      const T mi = lerp_t(mc[i], gi, coeff1, small);  // adam_moments_
+      const T vi = std::fma(omb2 * gi, gi, vc[i] * beta2);
+      mc[i] = mi;
+      vc[i] = vi;
+      const T den = std::sqrt(vi) / bc2s + eps;        // adam_denominator
+      const T num = kGated ? mi * gbuf[kGated ? i : 0] : mi;
+      const T pi = pc[i] * decay;                       // decay_weights_
+      pc[i] = pi + (neg_step * num) / den;              // adam_apply_ (addcdiv)
     }
     total += kGated ? static_cast<double>(part) : static_cast<double>(len);
   }
@@ -246,7 +203,6 @@ double step_all(const at::TensorList params, const at::TensorList grads,
   const double lr = hp[0], beta1 = hp[1], beta2 = hp[2], eps = hp[3], wd = hp[4];
   const double nb = hp[5], tau = hp[6];
   const int64_t warmup = static_cast<int64_t>(hp[7]);
-  const bool exact_sqrt = hp[8] != 0.0;
   double total = 0.0;
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t t = ts[i];
@@ -262,7 +218,6 @@ double step_all(const at::TensorList params, const at::TensorList grads,
     c.eps = static_cast<T>(eps);
     c.neg_step = static_cast<T>(-(lr / (1 - std::pow(beta1, static_cast<double>(t)))));
     c.open = mode == kOff;
-    c.exact_sqrt = exact_sqrt;
     c.update_noise = false;
     double te = 0.0;  // tau * (noise scale)
     if (source == kStreaming) {
@@ -329,8 +284,8 @@ std::tuple<at::Tensor, at::Tensor> gated_adamw_step_cpu(
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                   steps.size() == n && noise_n.size() == n,
               "gated_adamw_step_: lists of different lengths");
-  TORCH_CHECK(hyper.size() == 9, "gated_adamw_step_: hyper = [lr, beta1, beta2, eps, wd, "
-              "noise_beta, threshold, warmup, exact_sqrt]");
+  TORCH_CHECK(hyper.size() == 8, "gated_adamw_step_: hyper = [lr, beta1, beta2, eps, wd, "
+              "noise_beta, threshold, warmup]");
   TORCH_CHECK(mode >= kOff && mode <= kSoft && source >= kNone && source <= kExact,
               "gated_adamw_step_: bad mode/source");
   TORCH_CHECK((mode == kOff) == (source == kNone), "gated_adamw_step_: mode/source mismatch");
