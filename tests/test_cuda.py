@@ -14,21 +14,22 @@ import torch
 from torch import nn
 
 import tangentscope as ts
-from tangentscope.dynamics import KernelRecorder, every, window_operators
+from tangentscope.dynamics import window_operators
 from tangentscope.dynamics.matfree import MatrixFreeOperators
-from tangentscope.dynamics.matfree_collect import CheckpointCollector
 from tangentscope.models import resnet8x
 from tangentscope.optim import GatedAdamW, GradMoments
+from test_matfree import _record
+from test_matfree import _rel as _rel_cpu
+from test_optim_kernels import SHAPES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
 CUDA = torch.device("cuda")
-SHAPES = ((300, 7), (7,), (1,), (130_000,), (2, 3, 4))
 CONFIGS = [dict(gate=False), dict(), dict(gate="soft"), dict(gate_warmup=3),
            dict(threshold=0.0), dict(threshold=2.5, noise_beta=0.9)]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm())
+    return _rel_cpu(a.double().cpu(), b.double().cpu())
 
 
 def _gated_run(device, fused, steps=25, moments=False, **kw):
@@ -107,25 +108,10 @@ def test_entk_on_cuda_equals_cpu_float64(name):
 def test_matrix_free_operators_on_cuda_equal_dense_cpu():
     """A small run recorded with both storages (float64, SGD, cross-entropy); the matrix-free
     ``W_S·V``, ``G_Q·V`` on CUDA against the dense CPU operators of the same run."""
-    torch.manual_seed(0)
-    n, d, p = 24, 5, 3
-    x, y = torch.randn(n, d, dtype=torch.float64), torch.randint(0, p, (n,))
-    xq = torch.randn(10, d, dtype=torch.float64)
-    model = nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, p)).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    kw = dict(loss="cross_entropy", x_test=xq, optimizer=opt, schedule=every(2),
-              total_steps=12)
-    col = CheckpointCollector(model, x, y, dtype=torch.float64, **kw)
-    rec = KernelRecorder(model, x, y, dtype=torch.float64, verbose=False, **kw)
-    for _ in range(12):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    col.close()
-    rec.close()
-    dense = window_operators(rec.trajectory(), discretization="exp")
+    traj, _, _, col = _record("cross_entropy", "sgd", collector=True)
+    dense = window_operators(traj, discretization="exp")
     ops = MatrixFreeOperators(col.path(device="cuda"), discretization="exp", krylov_tol=1e-13)
-    V = torch.randn(n * p, 4, dtype=torch.float64)
+    V = torch.randn(ops.N, 4, dtype=torch.float64)
     res = ops.apply(V, propagate=False, gramian=True, transfer=True)
     assert res.WV is not None and res.WV.is_cuda
     assert _rel(res.WV, dense.W @ V) < 1e-8
