@@ -28,7 +28,8 @@ REFERENCE = K.KERNELS[-1]
 KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_dev_sq")
 CONFIGS = [dict(gate=False), dict(), dict(gate="soft"), dict(gate_warmup=3),
            dict(threshold=0.0), dict(threshold=2.5, noise_beta=0.9),
-           dict(gate="soft", threshold=0.0)]
+           dict(gate="soft", threshold=0.0),
+           dict(betas=(0.3, 0.99)), dict(betas=(0.3, 0.99), gate="soft")]  # lerp's w >= 0.5 form
 
 
 def _compare(a, oa, fa, b, ob, fb, exact, soft):

@@ -1,7 +1,7 @@
 // tangentscope: the fused gated-AdamW step on CPU, one pass over each parameter's state.
 //
 // Registers torch.ops.tangentscope_optim.gated_adamw_step_ (built and loaded by optim/_native.py).
-// Per tensor, in blocks of kChunk elements that stay in L1 (so memory sees one pass): the
+// Per tensor, in one pass element by element (each state tensor read and written once): the
 // streaming noise EMA (or the exact noise variance from the statistics' sums), the gate (hard
 // or soft, on the update), the Adam moments, the denominator's sqrt, the decoupled weight
 // decay and the update. The arithmetic is the reference chain's (optim/transforms.py)
@@ -42,10 +42,11 @@ struct Coef {
 };
 
 template <typename T>
-inline T lerp_t(T self, T end, T coeff, bool small) {
+inline T lerp_t(T self, T end, T coeff, T small) {
   // torch's lerp (ATen/native/Lerp.h, vectorized form): fmadd(coeff, end - self, base) with
-  // coeff = w, base = self for |w| < 0.5, else coeff = w - 1, base = end (branch-free: vectorizes)
-  const T base = small ? self : end;
+  // coeff = w, base = self for |w| < 0.5, else coeff = w - 1, base = end. `small` is 1 or 0 as
+  // a T, compared in the loop: GCC does not vectorize a select on a loop-invariant bool.
+  const T base = small > T(0) ? self : end;
   return std::fma(coeff, end - self, base);
 }
 
@@ -68,25 +69,28 @@ inline T nan_to_num0(T x) {  // torch.nan_to_num_(nan=0.0), as selects (vectoriz
 // are one ulp off, and its generic path costs about 0.4 ns per element): so the weights agree
 // with the eager reference to rounding (~1e-7 relative), the moments and noise bit for bit.
 
-constexpr int64_t kChunk = 512;  // elements per inner block (the block's data stays in L1)
+constexpr int64_t kChunk = 512;  // elements per block of the gate sum (a float partial sum)
 
-// One range [b, e) of one tensor, in blocks of kChunk: (1) the noise state, (2) the gate, (3)
-// moments, denominator, decay and update; each block's data stays in cache between the three,
-// so memory sees one pass. Returns the sum of the gate values over the range.
+// One range [b, e) of one tensor in a single pass, element by element: (1) the noise state,
+// (2) the gate, (3) moments, denominator, decay and update. One loop (not three over a cached
+// block) so each element's state is read and written once and nothing goes through a buffer.
+// Returns the sum of the gate values over the range (per block of kChunk in the tensor's dtype,
+// the blocks summed in double; a separate loop over the block's buffered gates, because GCC
+// does not vectorize the pass itself with an omp-simd reduction in it).
 template <typename T, int64_t MODE, int64_t SRC, bool OPEN, bool UPD>
 double run_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
                  T* __restrict__ v, T* __restrict__ s, const T* __restrict__ s1,
                  const T* __restrict__ s2, const Coef<T>& c, int64_t b, int64_t e) {
   constexpr bool kGated = MODE != kOff && !OPEN;
-  alignas(64) T gbuf[kGated ? kChunk : 1];
-  alignas(64) T nbuf[SRC == kExact ? kChunk : 1];
+  constexpr bool kNoise = SRC == kStreaming && UPD;
+  alignas(64) T gbuf[kGated ? kChunk : 1];  // the block's gate values, summed after the pass
   double total = 0.0;
   const T decay = c.decay, coeff1 = c.small_w1 ? c.w1 : c.w1m1, beta2 = c.beta2;
   const T omb2 = c.omb2;
   const T bc2s = c.bc2s, eps = c.eps, neg_step = c.neg_step;
   const T neg_scale = c.neg_scale, nb = c.noise_beta, dev_w = c.dev_w, gv = c.gate_val;
   const T cnt = c.count, cm1 = c.cm1;
-  const bool small = c.small_w1;
+  const T small = c.small_w1 ? T(1) : T(0);
   const T t0 = c.tau0 ? T(1) : T(0);
   for (int64_t cb = b; cb < e; cb += kChunk) {
     const int64_t len = std::min(kChunk, e - cb);
@@ -94,68 +98,66 @@ double run_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
     const T* __restrict__ gc = g + cb;
     T* __restrict__ mc = m + cb;
     T* __restrict__ vc = v + cb;
-    T part = T(0);
-    if constexpr (SRC == kStreaming && UPD) {
-      // streaming_noise_: d = sub(g, m, alpha=scale); s = s*beta + (w*d)*d
-      T* __restrict__ sc = s + cb;
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        const T d = std::fma(neg_scale, mc[i], gc[i]);
-        const T si = sc[i] * nb;
-        sc[i] = std::fma(dev_w * d, d, si);
-      }
-    }
-    if constexpr (kGated) {
-      const T* __restrict__ sig = SRC == kStreaming ? gc : s1 + cb;
-      const T* __restrict__ nu = SRC == kStreaming ? s + cb : nbuf;
-      if constexpr (SRC == kExact) {
-        // noise_variance: ((b*S2 - S1*S1) / (b - 1)).clamp_(min=0)
-        const T* __restrict__ a = s1 + cb;
-        const T* __restrict__ q = s2 + cb;
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const T x = cnt * q[i];
-          const T y = a[i] * a[i];
-          nbuf[i] = clamp_min0((x - y) / cm1);
-        }
-      }
-      if constexpr (MODE == kHard) {
-        // addcmul(nu, sig, sig, value=-1/(tau c)) < 0; tau = 0: sig != 0 (branch-free)
-#pragma omp simd reduction(+ : part)
-        for (int64_t i = 0; i < len; ++i) {
-          const T z = std::fma(gv * sig[i], sig[i], nu[i]);
-          const T by_z = z < T(0) ? T(1) : T(0);
-          const T nonzero = (sig[i] == T(0)) ? T(0) : T(1);
-          const T gate = by_z + t0 * (nonzero - by_z);  // exact: 0/1 values, t0 = 1[tau = 0]
-          gbuf[i] = gate;
-          part += gate;
-        }
-      } else {
-        // div(nu, sig*sig).mul_(-(tau c)).add_(1).clamp_(min=0).nan_to_num_(nan=0)
-#pragma omp simd reduction(+ : part)
-        for (int64_t i = 0; i < len; ++i) {
-          T r = nu[i] / (sig[i] * sig[i]);
-          r = r * gv;
-          r = r + T(1);
-          const T gate = nan_to_num0(clamp_min0(r));
-          gbuf[i] = gate;
-          part += gate;
-        }
-      }
-    }
+    T* __restrict__ sc = SRC == kStreaming ? s + cb : nullptr;
+    const T* __restrict__ ac = SRC == kExact ? s1 + cb : nullptr;
+    const T* __restrict__ qc = SRC == kExact ? s2 + cb : nullptr;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
       const T gi = gc[i];
-      const T mi = lerp_t(mc[i], gi, coeff1, small);  // adam_moments_
+      const T m0 = mc[i];
+      T gate = T(1);
+      T s_new = T(0);
+      if constexpr (kNoise) {
+        // streaming_noise_: d = sub(g, m, alpha=scale); s = s*beta + (w*d)*d
+        const T d = std::fma(neg_scale, m0, gi);
+        const T si = sc[i] * nb;
+        s_new = std::fma(dev_w * d, d, si);
+        sc[i] = s_new;
+      }
+      if constexpr (kGated) {
+        T sig, nu;
+        if constexpr (SRC == kStreaming) {
+          sig = gi;
+          nu = kNoise ? s_new : sc[i];
+        } else {
+          // noise_variance: ((b*S2 - S1*S1) / (b - 1)).clamp_(min=0)
+          sig = ac[i];
+          const T x = cnt * qc[i];
+          const T y = sig * sig;
+          nu = clamp_min0((x - y) / cm1);
+        }
+        if constexpr (MODE == kHard) {
+          // addcmul(nu, sig, sig, value=-1/(tau c)) < 0; tau = 0: sig != 0 (branch-free)
+          const T z = std::fma(gv * sig, sig, nu);
+          const T by_z = z < T(0) ? T(1) : T(0);
+          const T nonzero = (sig == T(0)) ? T(0) : T(1);
+          gate = by_z + t0 * (nonzero - by_z);  // exact: 0/1 values, t0 = 1[tau = 0]
+        } else {
+          // div(nu, sig*sig).mul_(-(tau c)).add_(1).clamp_(min=0).nan_to_num_(nan=0)
+          T r = nu / (sig * sig);
+          r = r * gv;
+          r = r + T(1);
+          gate = nan_to_num0(clamp_min0(r));
+        }
+        gbuf[i] = gate;
+      }
+      const T mi = lerp_t(m0, gi, coeff1, small);  // adam_moments_
       const T vi = std::fma(omb2 * gi, gi, vc[i] * beta2);
       mc[i] = mi;
       vc[i] = vi;
       const T den = std::sqrt(vi) / bc2s + eps;        // adam_denominator
-      const T num = kGated ? mi * gbuf[kGated ? i : 0] : mi;
+      const T num = kGated ? mi * gate : mi;
       const T pi = pc[i] * decay;                       // decay_weights_
       pc[i] = pi + (neg_step * num) / den;              // adam_apply_ (addcdiv)
     }
-    total += kGated ? static_cast<double>(part) : static_cast<double>(len);
+    if constexpr (kGated) {
+      T part = T(0);
+#pragma omp simd reduction(+ : part)
+      for (int64_t i = 0; i < len; ++i) part += gbuf[i];
+      total += static_cast<double>(part);
+    } else {
+      total += static_cast<double>(len);
+    }
   }
   return total;
 }
