@@ -64,7 +64,7 @@ def time_calls(fn: Callable[[], Any], repeats: int = 3, slow_s: float = 5.0
     Args:
         fn: the call to time; it must block until the result is ready.
         repeats: warm calls whose median is reported; only one when the cold call took more
-            than ``slow_s`` seconds.
+            than ``slow_s`` seconds; 0: the cold call alone (``cold_seconds``, ``peak_bytes``).
 
     Returns:
         ``{"seconds": median warm wall time, "cpu_seconds": median process CPU time (all
@@ -75,6 +75,8 @@ def time_calls(fn: Callable[[], Any], repeats: int = 3, slow_s: float = 5.0
         t0 = time.perf_counter()
         fn()
         cold = time.perf_counter() - t0
+    if repeats == 0:
+        return {"cold_seconds": cold, "peak_bytes": mem.delta_bytes}
     times, cpu = [], []
     for _ in range(1 if cold > slow_s else repeats):
         t0, c0 = time.perf_counter(), time.process_time()

@@ -122,7 +122,9 @@ def main(payload: dict) -> dict:
     compiled = fn.lower(x, None, params).compile()
     compile_s = time.perf_counter() - t0
     result = time_calls(lambda: compiled(x, None, params).block_until_ready(),
-                        repeats=payload.get("repeats", 3))
+                        repeats=0 if payload.get("memory_only") else payload.get("repeats", 3))
+    if payload.get("memory_only"):
+        return result
     result["compile_seconds"] = compile_s
     dev = jax.devices()[0]
     result["device"] = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"

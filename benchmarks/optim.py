@@ -215,7 +215,9 @@ def bench_train_step(quick: bool) -> dict:
     models = dict(_models())
     models["gpt2_8l_d512_51M" if not quick else "gpt2_2l_d128"] = _gpt2(quick)
     makers = {k: STEP_MAKERS[k] for k in ("torch_adamw_fused", "gated_streaming_hard_update",
-                                          "gated_streaming_hard_update_fused", "gated_off")}
+                                          "gated_streaming_hard_update_fused",
+                                          "gated_streaming_hard_update_fused_noguard",
+                                          "gated_off")}
     for name, (model, batch) in models.items():
         big = name.startswith("gpt2")
         x, y = batch(64)
@@ -230,7 +232,7 @@ def bench_train_step(quick: bool) -> dict:
                 opt.step()
 
             fns[k] = train
-        reps, rounds = ((2, 2) if quick else (3, 7)) if big else ((3, 3) if quick else (7, 9))
+        reps, rounds = ((2, 2) if quick else (3, 7)) if big else ((3, 3) if quick else (7, 25))
         t = _interleaved(fns, reps, rounds)
         out[name] = {"seconds": t, "ratio_vs_adamw_fused": _ratios(t, "torch_adamw_fused")}
         del fns

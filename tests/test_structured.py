@@ -151,6 +151,51 @@ def test_early_convolutions_stream_and_late_ones_are_formed_after_the_backward()
     assert not FA.streams(blocks["blocks.7.conv2.weight"])  # 16 positions, 1,152 features
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_recording_keeps_output_edges_not_outputs(inplace):
+    """A recording holds each layer output's autograd edge and shape, not its storage (tanh
+    and ReLU save their results, so nothing else keeps the linear outputs alive), including
+    the first layer's, whose input needs no gradient; the sensitivities through the edges
+    match autograd on the plain model (with ``ReLU(inplace=True)`` the forward is re-recorded
+    on clones)."""
+    import weakref
+
+    from tangentscope.kernels._capture import record, sensitivities
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 6), nn.Linear(6, 5), nn.Linear(5, 2)
+            self.seen: list = []
+
+        def forward(self, x):
+            z1 = self.a(x)
+            self.seen.append(weakref.ref(z1))
+            h = F.relu(z1, inplace=True) if inplace else torch.tanh(z1)
+            z2 = self.b(h)
+            self.seen.append(weakref.ref(z2))
+            return self.c(torch.tanh(z2))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    fm = ts.functionalize(model)
+    rec = record(fm.apply, fm.params, x)
+    assert [c.z.device.type for c in rec.calls] == ["meta"] * 3
+    assert [tuple(c.z.shape) for c in rec.calls] == [(4, 6), (4, 5), (4, 2)]
+    if not inplace:  # the clones of a re-recorded forward are what the model mutates
+        assert all(r() is None for r in model.seen[-2:])
+    deltas = sensitivities(rec, 2)
+    for a in range(2):  # δ of the first two layers by autograd on the plain model
+        h1 = model.a(x)
+        h1.retain_grad()
+        h = F.relu(h1.clone()) if inplace else torch.tanh(h1)
+        h2 = model.b(h)
+        h2.retain_grad()
+        model.c(torch.tanh(h2))[:, a].sum().backward()
+        for d, g in zip(deltas[:2], (h1.grad, h2.grad)):
+            torch.testing.assert_close(d[:, a], g, rtol=1e-12, atol=1e-12)
+
 # -- groups and preconditioners ---------------------------------------------------------------
 @pytest.mark.parametrize("name", ["mlp_p4", "cnn", "bn_eval", "transformer"])
 @pytest.mark.parametrize("groups", ["layer", "param", "split"])
@@ -196,6 +241,35 @@ def test_embedding_repeated_tokens_and_padding(route):
     K = structured(model, torch.tensor([[0, 0, 0, 0], [5, 5, 5, 5]]), groups="layer")
     assert K["emb"][0, 0].abs().max() == 0 and K["emb"][1, 1].abs().max() > 0
     assert K["emb2"][1, 1].abs().max() == 0 and K["emb2"][0, 0].abs().max() > 0
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own
+@pytest.mark.parametrize("chunk", [1, 700])  # one example j per chunk / a few, ragged end
+def test_positional_route_in_chunks_of_examples(chunk, monkeypatch):
+    """The positional route forms its intermediate ``R`` a chunk of examples at a time
+    (:func:`_factors.positional_columns`): one example (no permutation) and several (a ragged
+    last chunk) both equal the brute force, and the estimate counts the chunk, not all of R."""
+    model = Convs().double().eval()
+    g = torch.Generator().manual_seed(3)
+    x1 = torch.randn(4, 2, 6, 6, dtype=torch.float64, generator=g)
+    x2 = torch.randn(5, 2, 6, 6, dtype=torch.float64, generator=g)
+    blocks = S.structured_plan(model, x1).blocks
+    conv = [b for b in blocks if "positional" in S._route_costs(b, 4, 5, 2, False, False)]
+    assert conv
+    monkeypatch.setattr(FA, "POSITIONAL_CHUNK", chunk)
+    cols = {FA.positional_columns(4, 5, 2, b.d_out, b.L) for b in conv}
+    assert (1 in cols) if chunk == 1 else any(1 < c < 5 for c in cols), cols
+    monkeypatch.setattr(S, "_route", lambda b, c1, c2, p, trace, has_d: "positional" if
+                        "positional" in S._route_costs(b, c1, c2, p, trace, has_d)
+                        else "materialize")
+    torch.testing.assert_close(structured(model, x1, x2), brute_force_entk(model, x1, x2),
+                               **TOL)
+    torch.testing.assert_close(structured(model, x1, chunk_size=3), brute_force_entk(model, x1),
+                               **TOL)
+    b = max(conv, key=lambda b: b.L * b.d_out)
+    full = S._route_costs(b, 4, 5, 2, False, False)["positional"][1]
+    monkeypatch.setattr(FA, "POSITIONAL_CHUNK", 1 << 40)
+    assert S._route_costs(b, 4, 5, 2, False, False)["positional"][1] >= full
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own

@@ -5,11 +5,12 @@ touching a trainable parameter. Calls of the functions with a derivative rule
 (:func:`tangentscope.derivatives.rule_for_function`: ``F.linear``, ``F.conv1d/2d``,
 ``F.embedding``, ``layer_norm``, ``rms_norm``, ``group_norm``, eval-mode ``batch_norm``, and any
 registered with :func:`~tangentscope.derivatives.register_rule`) whose parameters sit in the
-rule's roles (weight/bias slots) are recorded with what the rule keeps and their output
-``z``; any other use of a parameter (a custom op, a slice, MultiheadAttention's packed weights,
-a tie between two kinds of layer) marks that parameter as *generic*. Then ``p`` backward passes
-give ``δ = ∂(Σ_i f_a(x_i))/∂z`` for every recorded ``z`` — per example, since examples are
-independent in eval mode.
+rule's roles (weight/bias slots) are recorded with what the rule keeps and the autograd edge
+of their output ``z`` (not ``z`` itself: its storage is freed as soon as the forward is done
+with it, unless autograd saves it); any other use of a parameter (a custom op, a slice,
+MultiheadAttention's packed weights, a tie between two kinds of layer) marks that parameter
+as *generic*. Then ``p`` backward passes give ``δ = ∂(Σ_i f_a(x_i))/∂z`` for every recorded
+``z`` — per example, since examples are independent in eval mode.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -41,14 +43,18 @@ class Call:
             ``"embedding"``, ``"norm"``, ...).
         names: role (``"weight"``/``"bias"``) → trainable parameter name, for the roles filled
             by trainable parameters.
-        z: the call's output ``(c, ...)``, a node of the recorded graph.
+        z: the call's output ``(c, ...)``; in a recording with a graph, a ``meta`` tensor of
+            its shape and dtype (the values are not kept).
         data: what the rule keeps (:meth:`~tangentscope.derivatives.LayerRule.data`).
+        edge: in a recording with a graph, the autograd edge of the output, through which
+            :func:`sensitivities` differentiates with respect to it.
     """
 
     rule: LayerRule
     names: dict[str, str]
     z: Tensor
     data: dict[str, Any]
+    edge: GradientEdge | None = None
 
     @property
     def kind(self) -> str:
@@ -94,6 +100,18 @@ class _Recorder(TorchFunctionMode):
         self.calls: list[Call] = []
         self.generic: dict[str, str] = {}
         self.watch: list[tuple[Tensor, int]] = []
+        self.zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def _attach(self, out: Tensor) -> None:
+        """Put an output that does not depend on a tracked tensor (the first layer's) into the
+        graph without making it a leaf: ``out += 0`` with a zero that requires grad, so that its
+        edge is an ``AddBackward`` node, which keeps no tensor (a leaf's edge would keep the
+        leaf's storage alive until the graph is freed)."""
+        key = (out.dtype, out.device)
+        if key not in self.zeros:
+            self.zeros[key] = torch.zeros((), dtype=out.dtype, device=out.device,
+                                          requires_grad=True)
+        out.add_(self.zeros[key])
 
     def _params_in(self, tree: Any) -> list[str]:
         """Names of the tracked parameters among the leaves of ``tree`` (args and kwargs)."""
@@ -167,7 +185,7 @@ class _Recorder(TorchFunctionMode):
                 if self.clone:
                     data = {k: v.clone() if k in views else v for k, v in data.items()}
         if not out.requires_grad:
-            out.requires_grad_(True)
+            self._attach(out)
         self.watch.append((out, out._version))
         self.calls.append(Call(rule, names, out, data))
         return out.clone() if self.clone else out
@@ -203,6 +221,10 @@ def record(apply: Callable[[dict[str, Tensor], Tensor], Tensor], params: Mapping
                 raise
             continue
         if clone or all(t._version == v for t, v in rec.watch):
+            if grad:  # keep the outputs' edges and shapes, not their storage
+                for c in rec.calls:
+                    c.edge = get_gradient_edge(c.z)
+                    c.z = torch.empty_like(c.z, device="meta")
             return Recording(rec.calls, out, rec.generic, rec.activations)
     raise AssertionError("unreachable")
 
@@ -223,25 +245,33 @@ def sensitivities(rec: Recording, p: int, keep: Sequence[bool] | None = None,
             ``∂(Σ_i f_a(x_i))/∂z`` ``(c, *z.shape[1:])`` (to reduce them output by output).
     """
     zs = [c.z for c in rec.calls]
+    edges = [c.edge for c in rec.calls if c.edge is not None]
+    if len(edges) < len(zs):
+        raise ValueError("sensitivities need a recording with its graph: record(..., grad=True)")
     out = rec.out
     keep = [True] * len(zs) if keep is None else keep
+
+    def grads(fa: Tensor, retain: bool) -> tuple[Tensor, ...]:
+        gs = torch.autograd.grad(fa, edges, retain_graph=retain, allow_unused=True)
+        return tuple(torch.zeros(z.shape, dtype=z.dtype, device=out.device) if g is None else g
+                     for g, z in zip(gs, zs))
+
     if p == 1 and out.requires_grad:  # one backward: its gradients are the sensitivities
         with torch.enable_grad():
             f0 = out[:, 0].sum()
-        gs = torch.autograd.grad(f0, zs, allow_unused=True, materialize_grads=True)
+        gs = grads(f0, False)
         if each is not None:
             each(0, gs)
         return [g.unsqueeze(1) if k else None for g, k in zip(gs, keep)]
     deltas: list[Tensor | None] = [
-        torch.zeros(z.shape[0], p, *z.shape[1:], dtype=z.dtype, device=z.device) if k else None
+        torch.zeros(z.shape[0], p, *z.shape[1:], dtype=z.dtype, device=out.device) if k else None
         for z, k in zip(zs, keep)]  # filled output by output: no list of p copies to stack
     if not out.requires_grad:
         return deltas
     for a in range(p):
         with torch.enable_grad():
             fa = out[:, a].sum()
-        gs = torch.autograd.grad(fa, zs, retain_graph=a < p - 1, allow_unused=True,
-                                 materialize_grads=True)
+        gs = grads(fa, a < p - 1)
         for d, g in zip(deltas, gs):
             if d is not None:
                 d[:, a] = g

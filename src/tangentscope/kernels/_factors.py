@@ -19,7 +19,8 @@ from torch import Tensor
 
 from ._capture import Recording, sensitivities
 
-__all__ = ["Block", "Side", "contract_block", "block_preconditioner", "streams"]
+__all__ = ["Block", "Side", "contract_block", "block_preconditioner", "streams",
+           "positional_columns"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -288,9 +289,31 @@ def contract_block(acc: Tensor, b: Block, s1: Any, s2: Any, route: str, trace: b
         acc.add_(uu.mul_(S).view(c1, L1, c2, L2).sum((1, 3)))
         return
     # R[i, (a, o), (j, t)] = Σ_s δ_iaso S[is, jt], then K[ia, jb] = Σ_{o,t} R δ_jbto: the
-    # spatial double sum contracted with p·d_out columns, not with (p L)² sensitivity dots
+    # spatial double sum contracted with p·d_out columns, not with (p L)² sensitivity dots.
+    # R is formed for a few examples j at a time (positional_columns): each chunk stays in
+    # cache for its permutation and second product, and one example needs no permutation.
     o = u1.shape[3]
-    R = torch.bmm(u1.transpose(2, 3).reshape(c1, p * o, L1), S.view(c1, L1, c2 * L2))
-    R = R.view(c1 * p, o, c2, L2).permute(2, 0, 1, 3).reshape(c2, c1 * p, o * L2)
-    kj = torch.bmm(R, u2.permute(0, 3, 2, 1).reshape(c2, o * L2, p))  # (j, ia, b)
-    acc.view(c1 * p, c2, p).add_(kj.transpose(0, 1))
+    a = u1.transpose(2, 3).reshape(c1, p * o, L1)
+    w = u2.permute(0, 3, 2, 1).reshape(c2, o * L2, p)
+    Sv = S.view(c1, L1, c2, L2)
+    out = acc.view(c1 * p, c2, p)
+    cj = positional_columns(c1, c2, p, o, L2)
+    for j0 in range(0, c2, cj):
+        j1 = min(c2, j0 + cj)
+        nj = j1 - j0
+        R = torch.bmm(a, Sv[:, :, j0:j1].reshape(c1, L1, nj * L2))  # (i, (a, o), (j, t))
+        if nj == 1:
+            out[:, j0].addmm_(R.view(c1 * p, o * L2), w[j0])
+        else:
+            Rj = R.view(c1 * p, o, nj, L2).permute(2, 0, 1, 3).reshape(nj, c1 * p, o * L2)
+            out[:, j0:j1].add_(torch.bmm(Rj, w[j0:j1]).transpose(0, 1))  # (j, ia, b)
+
+
+#: floats of one chunk of the positional route's intermediate ``R`` (2 MiB in float32)
+POSITIONAL_CHUNK = 1 << 19
+
+
+def positional_columns(c1: int, c2: int, p: int, d_out: int, L2: int) -> int:
+    """Examples ``j`` per chunk of the positional route's ``R`` ``(c1, p d_out, j L2)``: as many
+    as fit :data:`POSITIONAL_CHUNK` floats, at least one."""
+    return max(1, min(c2, POSITIONAL_CHUNK // max(1, c1 * p * d_out * L2)))

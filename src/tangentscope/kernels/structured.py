@@ -39,7 +39,14 @@ from .._utils import progress
 from ..errors import TangentscopeError, UnsupportedModelError
 from . import _jacobian
 from ._capture import Recording, record
-from ._factors import Block, Side, block_preconditioner, contract_block, streams
+from ._factors import (
+    Block,
+    Side,
+    block_preconditioner,
+    contract_block,
+    positional_columns,
+    streams,
+)
 from ._plan import (
     SAFETY,
     Request,
@@ -254,7 +261,9 @@ def _route_costs(b: Block, c1: int, c2: int, p: int, trace: bool, has_d: bool
             temp = pairs * L2 * (q + 1) + (c1 + c2) * b.L * p * b.d_out
             out["positional"] = (2 * pairs * L2 * (q * b.d_out + din + q), temp)
         else:  # the input Gram times δ over one side's positions, then δ of the other
-            temp = pairs * L2 + 2 * pairs * b.L * p * b.d_out + (c1 + c2) * b.L * p * b.d_out
+            # (R and its permutation, a chunk of examples j at a time: positional_columns)
+            r = c1 * min(c2, positional_columns(c1, c2, p, b.d_out, b.L)) * b.L * p * b.d_out
+            temp = pairs * L2 + 2 * r + (c1 + c2) * b.L * p * b.d_out
             out["positional"] = (2 * pairs * (L2 * (p * b.d_out + din) + q * b.L * b.d_out),
                                  temp)
     if b.kind != "linear" or b.L > 1 or has_d:
