@@ -70,6 +70,9 @@ NT_EQUIV = {"jacobian_contraction": "jacobian", "ntk_vector_products": "ntvp",
             "structured_derivatives": "structured"}
 FULL = [("mlp", 256, 1), ("mlp", 1024, 1), ("mlp", 256, 10), ("mlp", 1024, 10),
         ("cnn", 256, 10), ("resnet", 32, 10), ("resnet", 128, 10), ("resnet", 512, 10)]
+#: cold calls shorter than this (seconds) get their memory as a median over fresh processes and
+#: the torch allocator's peak: their few MiB of RSS are mostly noise
+NOISY_BELOW_S = 1.0
 QUICK = [("mlp", 32, 1), ("mlp", 64, 1), ("mlp", 32, 10), ("cnn", 16, 10), ("resnet", 8, 10)]
 
 
@@ -169,7 +172,7 @@ def torch_worker(payload: dict) -> dict:
     if payload.get("memory_only"):
         return time_calls(call, repeats=0)
     result = time_calls(call, repeats=payload["repeats"])
-    if not cuda and result["cold_seconds"] < 1.0:
+    if not cuda and result["cold_seconds"] < NOISY_BELOW_S:
         result["allocator_peak_bytes"] = allocator_peak(call)
     if cuda:
         result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -357,7 +360,7 @@ def main() -> None:
                                             "predicted_seconds": pred}
                     continue
                 r = _run(impl, model_name, n, p, npz, args)
-                if "seconds" in r and r["cold_seconds"] < 1.0 and args.memory_repeats > 1:
+                if "seconds" in r and r["cold_seconds"] < NOISY_BELOW_S and args.memory_repeats > 1:
                     # a few MiB of RSS are noise (allocator thresholds, first-use pages):
                     # the median over fresh processes, the same for every implementation
                     runs = [r["peak_bytes"]] + [

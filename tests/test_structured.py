@@ -196,6 +196,7 @@ def test_recording_keeps_output_edges_not_outputs(inplace):
         for d, g in zip(deltas[:2], (h1.grad, h2.grad)):
             torch.testing.assert_close(d[:, a], g, rtol=1e-12, atol=1e-12)
 
+
 # -- groups and preconditioners ---------------------------------------------------------------
 @pytest.mark.parametrize("name", ["mlp_p4", "cnn", "bn_eval", "transformer"])
 @pytest.mark.parametrize("groups", ["layer", "param", "split"])

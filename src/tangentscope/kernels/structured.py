@@ -262,7 +262,7 @@ def _route_costs(b: Block, c1: int, c2: int, p: int, trace: bool, has_d: bool
             out["positional"] = (2 * pairs * L2 * (q * b.d_out + din + q), temp)
         else:  # the input Gram times δ over one side's positions, then δ of the other
             # (R and its permutation, a chunk of examples j at a time: positional_columns)
-            r = c1 * min(c2, positional_columns(c1, c2, p, b.d_out, b.L)) * b.L * p * b.d_out
+            r = c1 * positional_columns(c1, c2, p, b.d_out, b.L) * b.L * p * b.d_out
             temp = pairs * L2 + 2 * r + (c1 + c2) * b.L * p * b.d_out
             out["positional"] = (2 * pairs * (L2 * (p * b.d_out + din) + q * b.L * b.d_out),
                                  temp)
